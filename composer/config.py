@@ -8,8 +8,10 @@ and what to do. Layer indices are 0-based everywhere.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -35,7 +37,9 @@ class ModelSpec:
 
     model: str  # a Hugging Face hub id, a local folder, or a local .gguf file
     quantization: str = "none"  # "nf4" (bitsandbytes 4-bit) is what we use for the anchor on a GPU
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)
+    dtype: str = (
+        "auto"  # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)
+    )
     revision: str | None = None  # hub revision (branch, tag or commit); ignored for local files
     tokenizer: str | None = None  # tokenizer source when it is not beside the weights
     trust_remote_code: bool = False  # off: never run code from a model repository unless asked
@@ -53,7 +57,8 @@ class ModelSpec:
         )
         _require(
             self.dtype in DTYPES,
-            f"dtype is {self.dtype!r} for model {self.model!r}; expected one of {', '.join(DTYPES)}",
+            f"dtype is {self.dtype!r} for model {self.model!r}; "
+            f"expected one of {', '.join(DTYPES)}",
         )
 
     @property
@@ -76,7 +81,9 @@ class BridgeConfig:
     head_dim: int | None = None  # None: d_anchor // num_heads (paper)
     project_specialist: bool = True  # paper: Linear(d_specialist -> d_anchor) before K/V
     norm: bool = True  # RMSNorm on the query and key/value inputs: anchor states can be huge
-    causal: bool = True  # anchor position t reads specialist positions <= t; False only to show the leak
+    causal: bool = (
+        True  # anchor position t reads specialist positions <= t; False only to show the leak
+    )
     dtype: str = "float32"  # bridge weights; float32 keeps the small trainable part exact
 
     def __post_init__(self) -> None:
@@ -92,7 +99,9 @@ class BridgeConfig:
                     f"bridge.pairs is {self.pairs!r}; expected a list of [anchor_layer, "
                     "specialist_layer] pairs of 0-based layer indices, e.g. [[3, 1], [7, 3]]"
                 ) from None
-            _require(len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out")
+            _require(
+                len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out"
+            )
             for a, s in pairs:
                 _require(
                     a >= 0 and s >= 0,
@@ -220,6 +229,28 @@ class CompositionConfig:
         return out
 
 
+def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> CompositionConfig:
+    """A recipe from a YAML file path or a mapping, validated."""
+    if isinstance(recipe, Mapping):
+        return CompositionConfig.from_dict(recipe)
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(
+            f"recipe file {str(path)!r} does not exist; give the path of a .yaml recipe"
+        )
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{line}; fix the file") from None
+    if data is None:
+        raise ConfigError(f"recipe {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    return CompositionConfig.from_dict(data)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -237,9 +268,13 @@ def _build(cls: type, section: Any, where: str) -> Any:
     )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - known)
-    _require(not unknown, f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(known)}")
+    _require(
+        not unknown, f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(known)}"
+    )
     if cls is ModelSpec:
-        _require("model" in section, f"'{where}' has no 'model'; add 'model: <hub id, folder or .gguf>'")
+        _require(
+            "model" in section, f"'{where}' has no 'model'; add 'model: <hub id, folder or .gguf>'"
+        )
     try:
         return cls(**section)
     except TypeError as exc:  # a wrongly typed value that __post_init__ could not compare

@@ -1,0 +1,141 @@
+"""The bridge: every trainable parameter of a composition, one cross-attention block per layer pair.
+
+Block k reads specialist layer j_k and writes into the anchor's residual stream after anchor
+layer i_k:
+
+    h_i <- h_i + W_o · Attn(Q = norm(h_i) W_q, K = s W_k, V = s W_v),  s = P(norm(s_j))
+
+with P: d_specialist -> d_anchor (the paper's projection; optional) and W_o zero-initialised, so
+an untrained composition is exactly the anchor (trap 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer.pairing import LayerPair
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BridgeShape:
+    """Everything needed to rebuild a bridge's tensors (saved in bridge_config.json)."""
+
+    pairs: tuple[LayerPair, ...]
+    d_anchor: int
+    d_specialist: int
+    num_heads: int
+    head_dim: int
+    project_specialist: bool = True
+    norm: bool = True
+    causal: bool = True
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["pairs"] = [list(p) for p in self.pairs]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BridgeShape:
+        data = dict(data)
+        data["pairs"] = tuple((int(a), int(s)) for a, s in data["pairs"])
+        return cls(**data)
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, computed from the shape alone (no tensors built)."""
+        kv_in = self.d_anchor if self.project_specialist else self.d_specialist
+        per_block = (
+            self.d_anchor * self.inner  # W_q
+            + 2 * kv_in * self.inner  # W_k, W_v
+            + self.inner * self.d_anchor  # W_o
+        )
+        if self.project_specialist:
+            per_block += self.d_specialist * self.d_anchor
+        if self.norm:
+            per_block += self.d_anchor + self.d_specialist
+        return per_block * len(self.pairs)
+
+
+class BridgeBlock(nn.Module):
+    """One layer pair's cross-attention: anchor states query projected specialist states."""
+
+    def __init__(self, shape: BridgeShape) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = shape.num_heads, shape.head_dim
+        kv_in = shape.d_anchor if shape.project_specialist else shape.d_specialist
+        self.query_norm: nn.Module = nn.RMSNorm(shape.d_anchor) if shape.norm else nn.Identity()
+        self.specialist_norm: nn.Module = (
+            nn.RMSNorm(shape.d_specialist) if shape.norm else nn.Identity()
+        )
+        self.specialist_proj: nn.Module = (
+            nn.Linear(shape.d_specialist, shape.d_anchor, bias=False)
+            if shape.project_specialist
+            else nn.Identity()
+        )
+        self.q_proj = nn.Linear(shape.d_anchor, shape.inner, bias=False)
+        self.k_proj = nn.Linear(kv_in, shape.inner, bias=False)
+        self.v_proj = nn.Linear(kv_in, shape.inner, bias=False)
+        self.o_proj = nn.Linear(shape.inner, shape.d_anchor, bias=False)
+        nn.init.zeros_(self.o_proj.weight)  # composed == anchor before training
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+
+    def keys_values(self, specialist_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d_specialist) -> keys, values, each (B, H, S, head_dim). Cacheable per token."""
+        s = self.specialist_proj(self.specialist_norm(specialist_states))  # (B, S, kv_in)
+        return self._heads(self.k_proj(s)), self._heads(self.v_proj(s))
+
+    def forward(
+        self,
+        anchor_states: torch.Tensor,  # (B, T, d_anchor)
+        keys: torch.Tensor,  # (B, H, S, hd)
+        values: torch.Tensor,  # (B, H, S, hd)
+        visible: torch.Tensor,  # (B, T, S) bool, True = may read
+    ) -> torch.Tensor:
+        """The update to add to the anchor's residual stream, (B, T, d_anchor)."""
+        q = self._heads(self.q_proj(self.query_norm(anchor_states)))  # (B, H, T, hd)
+        has_any = visible.any(dim=-1)  # (B, T): False only for padding queries
+        # SDPA gives NaN for a row with no visible key: let such rows see all, then zero them.
+        mask = visible | ~has_any[..., None]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None]
+        )  # (B, H, T, hd)
+        out = out * has_any[:, None, :, None].to(out.dtype)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_anchor)
+
+
+class Bridge(nn.Module):
+    """All blocks of a composition. Its parameters are exactly the trainable parameters.
+
+    The frozen models are never children of this module: ``bridge.state_dict()`` is the whole
+    artifact to share, with stable names ``blocks.{k}.{q,k,v,o}_proj.weight`` etc.
+    """
+
+    def __init__(self, shape: BridgeShape, *, dtype: str | torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.shape = shape
+        self.blocks = nn.ModuleList(BridgeBlock(shape) for _ in shape.pairs)
+        self.to(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+
+    @property
+    def pairs(self) -> tuple[LayerPair, ...]:
+        return self.shape.pairs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,293 @@
+"""The bridge folder: bridge.safetensors + bridge_config.json + composition.yaml + README.md.
+
+Only bridge tensors are saved (a few MB, no frozen weights, no pickle). The config records
+both models' identity so a bridge is never silently loaded onto a pair it was not made for.
+Writes go to a temporary folder beside the target and are moved into place at the end, so a
+crash never leaves a half-written bridge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from composer.architectures import model_shape
+from composer.bridge import Bridge, BridgeShape
+from composer.config import ConfigError
+from composer.pairing import check_pairs
+
+if TYPE_CHECKING:
+    from composer.composition import Composition
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS = "bridge.safetensors"
+CONFIG = "bridge_config.json"
+RECIPE = "composition.yaml"
+CARD = "README.md"
+_BRIDGE_FILES = {WEIGHTS, CONFIG, RECIPE, CARD}
+
+
+def library_version() -> str:
+    try:
+        return version("calm-composer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the token -> id map and the special tokens: equal iff ids mean the same."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def model_identity(
+    model: torch.nn.Module, *, source: dict[str, Any] | None = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """What identifies a frozen model: where it came from and the shape the bridge depends on."""
+    shape = model_shape(model.config)
+    source = source or {}
+    return {
+        "name": source.get("name") or getattr(model.config, "_name_or_path", "") or "",
+        "revision": source.get("revision"),
+        "sha256": source.get("sha256"),
+        "model_type": shape.model_type,
+        "width": shape.width,
+        "num_layers": shape.num_layers,
+        "vocab_size": shape.vocab_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)
+        if tokenizer is not None
+        else None,
+    }
+
+
+def identity_mismatches(role: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences that make a saved bridge wrong for a model (pure).
+
+    Shape facts and tokenizers must match; a file hash or hub revision must match when both
+    sides know it. A different name alone is not a mismatch (folders move).
+    """
+    problems = []
+    for key in ("model_type", "width", "num_layers", "vocab_size"):
+        if saved.get(key) != current.get(key):
+            problems.append(
+                f"{role} {key} is {current.get(key)!r}, the bridge was made for {saved.get(key)!r}"
+            )
+    for key in ("tokenizer_fingerprint", "sha256", "revision"):
+        if saved.get(key) and current.get(key) and saved[key] != current[key]:
+            problems.append(
+                f"{role} {key} differs (bridge made for {saved['name'] or 'another model'!r} "
+                f"with {key} {str(saved[key])[:12]}..., got {str(current[key])[:12]}...)"
+            )
+    return problems
+
+
+def bridge_config_dict(composition: Composition) -> dict[str, Any]:
+    bridge = composition.bridge
+    tokenizer = composition.tokenizer
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "calm-composer",
+        "library_version": library_version(),
+        "bridge": bridge.shape.to_dict(),
+        "dtype": str(bridge.dtype).removeprefix("torch."),
+        "num_parameters": bridge.num_parameters(),
+        "anchor": model_identity(
+            composition.anchor, source=composition.sources.get("anchor"), tokenizer=tokenizer
+        ),
+        "specialist": model_identity(
+            composition.specialist,
+            source=composition.sources.get("specialist"),
+            tokenizer=tokenizer,  # shared with the anchor (checked when composing)
+        ),
+    }
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return (
+        f"`{identity['name']}` ({identity['model_type']}, width {identity['width']}, "
+        f"{identity['num_layers']} layers)"
+    )
+
+
+def model_card(config: dict[str, Any], extra: str = "") -> str:
+    shape = config["bridge"]
+    pairs = ", ".join(f"anchor {a} <- specialist {s}" for a, s in shape["pairs"])
+    projection = (
+        "s = P(RMSNorm(s_j)), P: d_specialist -> d_anchor"
+        if shape["project_specialist"]
+        else "s = RMSNorm(s_j)"
+    )
+    return f"""# CALM bridge
+
+A bridge made with calm-composer (CALM, Bansal et al. 2024, arXiv 2401.02412). It composes two
+frozen models; these files hold only the bridge ({config["num_parameters"]:,} parameters,
+{config["dtype"]}).
+
+- anchor: {_describe(config["anchor"])}
+- specialist: {_describe(config["specialist"])}
+- layer pairs (0-based): {pairs}
+- each block: {shape["num_heads"]} heads x {shape["head_dim"]}; causal: {shape["causal"]}
+
+## Forward
+
+For each layer pair (i, j), after anchor layer i and before anchor layer i + 1:
+
+    h_i <- h_i + W_o Attn(Q = RMSNorm(h_i) W_q, K = s W_k, V = s W_v),   {projection}
+
+where s_j are the specialist's layer-j outputs for the same tokens, and anchor position t reads
+only specialist positions <= t. Both models read every token (co-decoding).
+
+## Use
+
+```python
+import composer
+composition = composer.load_bridge("path/to/this/folder", anchor_model, specialist_model)
+```
+or `calm-composer generate composition.yaml --bridge path/to/this/folder --prompt "..."`.
+{extra}
+"""
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary folder with ``write`` and move it to ``path`` in one rename."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (set(os.listdir(path)) - _BRIDGE_FILES)):
+        raise ConfigError(
+            f"{path} exists and is not a bridge folder; choose a new or empty folder so nothing "
+            "of yours is overwritten"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "bridge")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_bridge(composition: Composition, path: str | os.PathLike, *, card_extra: str = "") -> Path:
+    """Write the bridge folder at ``path`` atomically; returns the folder."""
+    path = Path(path)
+    config = bridge_config_dict(composition)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in composition.bridge.state_dict().items()}
+    if composition.recipe is not None:
+        recipe = composition.recipe.to_dict()
+    else:
+        recipe = {
+            "anchor": {"model": config["anchor"]["name"]},
+            "specialist": {"model": config["specialist"]["name"]},
+            "bridge": {
+                "pairs": config["bridge"]["pairs"],
+                "num_heads": config["bridge"]["num_heads"],
+                "head_dim": config["bridge"]["head_dim"],
+            },
+        }
+
+    def write(folder: Path) -> None:
+        save_file(
+            tensors, str(folder / WEIGHTS), metadata={"format": "pt", "library": "calm-composer"}
+        )
+        (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (folder / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        (folder / CARD).write_text(model_card(config, card_extra), encoding="utf-8")
+
+    _write_atomically(path, write)
+    logger.info("saved bridge (%s parameters) to %s", f"{config['num_parameters']:,}", path)
+    return path
+
+
+def read_bridge_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    config_file = path / CONFIG
+    if not (path / WEIGHTS).is_file() or not config_file.is_file():
+        raise ConfigError(
+            f"{path} is not a bridge folder: expected {WEIGHTS} and {CONFIG} in it (made by "
+            "save_bridge or calm-composer train)"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{config_file} is not valid JSON ({exc}); the bridge folder is damaged"
+        ) from None
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{config_file} has format_version {config.get('format_version')!r}; "
+            "this calm-composer "
+            f"reads version {FORMAT_VERSION}. Upgrade calm-composer or re-export the bridge."
+        )
+    return config
+
+
+def load_bridge(
+    path: str | os.PathLike,
+    anchor_model: torch.nn.Module,
+    specialist_model: torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    recipe: Any = None,
+    sources: dict[str, dict[str, Any]] | None = None,
+) -> Composition:
+    """Compose two loaded models with a saved bridge; refuses a bridge made for another pair."""
+    from composer.composition import Composition, check_shared_vocabulary, freeze
+
+    path = Path(path)
+    config = read_bridge_config(path)
+    sources = sources or {}
+    problems = []
+    for role, model in (("anchor", anchor_model), ("specialist", specialist_model)):
+        current = model_identity(model, source=sources.get(role), tokenizer=tokenizer)
+        problems += identity_mismatches(role, config[role], current)
+    if problems:
+        raise ConfigError(
+            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
+        )
+    shape = BridgeShape.from_dict(config["bridge"])
+    check_pairs(
+        shape.pairs,
+        anchor_layers=model_shape(anchor_model.config).num_layers,
+        specialist_layers=model_shape(specialist_model.config).num_layers,
+    )
+    check_shared_vocabulary(anchor_model, specialist_model)
+    bridge = Bridge(shape, dtype=config.get("dtype", "float32"))
+    tensors = load_file(str(path / WEIGHTS))
+    expected = set(bridge.state_dict())
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ConfigError(
+            f"{path / WEIGHTS} does not match its {CONFIG}: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}; the bridge folder is damaged"
+        )
+    bridge.load_state_dict(tensors)
+    bridge.to(anchor_model.get_input_embeddings().weight.device)
+    freeze(anchor_model)
+    freeze(specialist_model)
+    return Composition(
+        anchor_model, specialist_model, bridge, tokenizer=tokenizer, recipe=recipe, sources=sources
+    )

@@ -1,0 +1,173 @@
+"""Co-decoding: every new token goes through both models, each with its own KV cache.
+
+One decode step costs one anchor step, one specialist step and one cross-attention read per
+block: the specialist's keys/values for earlier tokens stay in per-block caches (trap 3: the
+anchor's cache is never handed to the specialist). Sampling uses transformers' logits
+processors; streaming follows transformers' streamer protocol (``put`` then ``end``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from composer.config import ConfigError, GenerationConfig
+
+if TYPE_CHECKING:
+    from composer.composition import Composition
+
+
+def logits_processors(
+    *, do_sample: bool, temperature: float, top_p: float, top_k: int, repetition_penalty: float
+) -> LogitsProcessorList:
+    """The processors transformers' ``generate`` would build for the same settings."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty))
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            processors.append(TopKLogitsWarper(top_k=top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=top_p))
+    return processors
+
+
+def _eos_ids(composition: Composition, eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        config_eos = getattr(
+            getattr(composition.anchor, "generation_config", None), "eos_token_id", None
+        )
+        tokenizer = composition.tokenizer
+        eos_token_id = (
+            config_eos if config_eos is not None else getattr(tokenizer, "eos_token_id", None)
+        )
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+@torch.no_grad()
+def generate(
+    composition: Composition,
+    input_ids: torch.Tensor,  # (B, T) prompt; pad on the left for a batch of different lengths
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,  # None: the anchor's; [] never stops early
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer: Any = None,  # needed for stop strings; defaults to the composition's
+    streamer: Any = None,  # a transformers streamer (TextStreamer, TextIteratorStreamer, ...)
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode up to ``max_new_tokens``; returns only the new tokens, (B, new).
+
+    Greedy decoding with ``use_cache=True`` gives the same tokens as recomputing both models over
+    the whole sequence at every step (``use_cache=False``). A row that hit EOS or a stop string
+    is filled with ``pad_token_id`` until every row is done.
+    """
+    GenerationConfig(  # validates the settings with user-facing messages
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop_strings),
+    )
+    device = composition.anchor.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    tokenizer = tokenizer or composition.tokenizer
+    eos = _eos_ids(composition, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    processors = logits_processors(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+    )
+    stopping = StoppingCriteriaList()
+    if stop_strings:
+        if tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; pass tokenizer= or compose with one")
+        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings)))
+    eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
+
+    sequence = input_ids  # (B, T + generated)
+    prompt_length = input_ids.shape[1]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    state = composition.new_decode_state() if use_cache else None
+    logits = composition.step(input_ids, attention_mask, state=state, logits_to_keep=1)[:, -1]
+    try:
+        for step in range(max_new_tokens):
+            scores = processors(sequence, logits.float())  # (B, V)
+            if do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            else:
+                next_token = scores.argmax(dim=-1)  # (B,)
+            next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
+            sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+            if eos:
+                done = done | torch.isin(next_token, eos_tensor)
+            if len(stopping):
+                done = done | stopping(sequence, scores).to(device)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((len(done), 1))], dim=1
+            )
+            if state is not None:
+                logits = composition.step(next_token[:, None], attention_mask, state=state)[:, -1]
+            else:
+                logits = composition.step(sequence, attention_mask, logits_to_keep=1)[:, -1]
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return sequence[:, prompt_length:]
+
+
+def chat_input_ids(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, system_prompt: str | None = None
+) -> torch.Tensor:
+    """(1, T) prompt ids for a conversation, through the anchor tokenizer's chat template."""
+    conversation = list(messages)
+    if system_prompt:
+        conversation = [{"role": "system", "content": system_prompt}, *conversation]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            "the anchor tokenizer has no chat template; use plain-text prompts or a chat model"
+        )
+    ids = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, return_tensors="pt", return_dict=False
+    )
+    return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])

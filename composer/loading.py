@@ -1,0 +1,335 @@
+"""Model sources -> frozen transformers models and their tokenizer.
+
+A model is named by a Hugging Face hub id (resolved through huggingface_hub's cache), a local
+Hugging Face folder, or a local ``.gguf`` file (transformers' GGUF loader, dequantised to the
+requested dtype). ``nf4``/``int8`` quantise with bitsandbytes, on CUDA or on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from composer.architectures import model_shape
+from composer.config import CompositionConfig, ConfigError, ModelSpec, read_recipe
+
+if TYPE_CHECKING:
+    from composer.composition import Composition
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a model's files are on disk once resolved."""
+
+    kind: str  # "gguf", "folder" or "hub"
+    folder: Path
+    gguf_file: str | None = None
+    revision: str | None = None  # hub commit hash
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: dict[str, Any] = field(default_factory=dict)  # name, kind, revision, sha256
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow on most processors."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.strip("/").split("/", 1)[-1]
+        or (name.count("/") != 1)
+    )
+
+
+def locate(spec: ModelSpec) -> Location:
+    """Find the model's files; raises ConfigError saying what to download or fix."""
+    path = Path(os.path.expanduser(spec.model))
+    if spec.is_gguf:
+        if not path.is_file():
+            raise ConfigError(
+                f"GGUF file {spec.model!r} does not exist; check the path (e.g. "
+                "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)"
+            )
+        return Location(kind="gguf", folder=path.parent, gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"folder {spec.model!r} has no config.json; expected a Hugging Face model folder "
+                "(save_pretrained output) or give a .gguf file"
+            )
+        return Location(kind="folder", folder=path)
+    if _looks_like_path(spec.model):
+        raise ConfigError(
+            f"model {spec.model!r} is neither an existing folder nor a hub id of the form "
+            "'owner/name'; check the path"
+        )
+    return _from_hub(spec)
+
+
+def _from_hub(spec: ModelSpec) -> Location:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:  # the cache first: works offline and costs no request
+        folder = snapshot_download(
+            spec.model, revision=spec.revision, allow_patterns=_HUB_PATTERNS, local_files_only=True
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        try:
+            folder = snapshot_download(
+                spec.model, revision=spec.revision, allow_patterns=_HUB_PATTERNS
+            )
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+            cache = os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
+            raise ConfigError(
+                f"model {spec.model!r} is not in the Hugging Face cache ({cache}) and could not be "
+                f"downloaded ({type(exc).__name__}). On a connected machine run "
+                f"`hf download {spec.model}` (and copy the cache here), or give a local folder or "
+                ".gguf file instead"
+            ) from None
+    folder_path = Path(folder)
+    return Location(kind="hub", folder=folder_path, revision=folder_path.name)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so reloading is free."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def quantization_config(kind: str, device: torch.device) -> Any:
+    """bitsandbytes settings for ``nf4`` (4-bit, double quant) or ``int8``; None for ``none``."""
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            # bf16 compute on a GPU; float32 on a CPU, where bf16 matmuls are slow.
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def disable_cpu_bf16_repack(model: nn.Module) -> int:
+    """Stop bitsandbytes' CPU AVX512-BF16 repacking, which breaks backward after a no-grad forward.
+
+    On CPUs with AVX512-BF16 the first eval-mode no-grad forward repacks 4-bit weights into an
+    inference layout for good; later backward passes then drop the input gradient silently (or
+    raise). Must run before any forward. Returns how many layers were changed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def quantize_nf4_in_memory(
+    model: nn.Module, *, device: torch.device, compute_dtype: torch.dtype
+) -> int:
+    """Replace every nn.Linear but the output head by a bitsandbytes nf4 Linear4bit (double quant).
+
+    Used for GGUF files, which transformers refuses to quantise while loading. Returns the
+    number of layers replaced.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,  # double quantisation
+            quant_type="nf4",
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            linear.weight.data.to(torch.float32 if device.type == "cpu" else torch.bfloat16),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=True,
+        ).to(device)  # moving to a device quantises
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+        setattr(parent, child, quantized)
+    return len(targets)
+
+
+def load_config(spec: ModelSpec, location: Location | None = None) -> Any:
+    """The model's transformers config, checked against the architecture table (no weights)."""
+    from transformers import AutoConfig
+
+    location = location or locate(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if location.gguf_file:
+        kwargs["gguf_file"] = location.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(str(location.folder), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"could not read the config of {spec.model!r}: {_first_line(exc)}"
+        ) from None
+    model_shape(config)  # unknown architecture -> ConfigError naming it
+    return config
+
+
+def load_tokenizer(spec: ModelSpec, location: Location | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    location = location or locate(spec)
+    source = spec.tokenizer or str(location.folder)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if location.gguf_file and spec.tokenizer is None:
+        kwargs["gguf_file"] = location.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"could not load a tokenizer for {spec.model!r} from {source}: {_first_line(exc)}; "
+            "set 'tokenizer:' in the model's section to a folder or hub id that has one"
+        ) from None
+    return tokenizer
+
+
+def load_model(
+    spec: ModelSpec, *, device: torch.device | str | None = None, with_tokenizer: bool = True
+) -> LoadedModel:
+    """Load a frozen causal LM (eval mode, no gradients) and, by default, its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    location = locate(spec)
+    load_config(spec, location)
+    dtype = resolve_dtype(spec.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    if location.gguf_file:
+        kwargs["gguf_file"] = location.gguf_file
+    # transformers cannot quantise while loading a GGUF: dequantise, then quantise in memory.
+    quantize_after = location.gguf_file is not None and spec.quantization != "none"
+    if quantize_after and spec.quantization != "nf4":
+        raise ConfigError(
+            f"quantization {spec.quantization!r} is not available for GGUF file {spec.model!r}; "
+            "use 'nf4' or 'none'"
+        )
+    quant = None if quantize_after else quantization_config(spec.quantization, device)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device) if device.type == "cpu" else device.index or 0}
+    logger.info("loading %s (%s, %s, %s)", spec.model, location.kind, spec.quantization, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(location.folder), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"could not load model {spec.model!r}: {_first_line(exc)}") from None
+    if quant is None:
+        model.to(device)
+    if quantize_after:
+        quantize_nf4_in_memory(
+            model,
+            device=device,
+            compute_dtype=quantization_config("nf4", device).bnb_4bit_compute_dtype,
+        )
+    if spec.quantization == "nf4" and device.type == "cpu":
+        disable_cpu_bf16_repack(model)
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = load_tokenizer(spec, location) if with_tokenizer else None
+    source = {
+        "name": spec.model,
+        "kind": location.kind,
+        "revision": location.revision,
+        "sha256": file_sha256(location.folder / location.gguf_file) if location.gguf_file else None,
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def load_composition(
+    recipe: str | os.PathLike | Mapping[str, Any] | CompositionConfig,
+    *,
+    bridge: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+) -> Composition:
+    """Load both models of a recipe and compose them (a new bridge, or a saved one from ``bridge``)."""
+    from composer.composition import compose
+    from composer.export import load_bridge
+
+    config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
+    anchor = load_model(config.anchor, device=device)
+    specialist = load_model(config.specialist, device=device)
+    sources = {"anchor": anchor.source, "specialist": specialist.source}
+    if bridge is not None:
+        return load_bridge(
+            bridge,
+            anchor.model,
+            specialist.model,
+            tokenizer=anchor.tokenizer,
+            recipe=config,
+            sources=sources,
+        )
+    return compose(
+        anchor.model,
+        specialist.model,
+        bridge_config=config.bridge,
+        tokenizer=anchor.tokenizer,
+        specialist_tokenizer=specialist.tokenizer,
+        recipe=config,
+        sources=sources,
+        seed=seed,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

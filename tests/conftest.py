@@ -1,0 +1,80 @@
+"""Pico models built from configs (random weights, no download), two architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+
+
+def pico_llama(*, layers: int = 6, width: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def pico_qwen2(*, layers: int = 8, width: int = 48, seed: int = 1) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def pico_gpt2(*, layers: int = 4, width: int = 32, seed: int = 2) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=4, n_positions=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+# (anchor, specialist) builders: different architectures, widths and depths in both orders.
+PAIRS = {
+    "llama+qwen2": (pico_llama, pico_qwen2),
+    "qwen2+gpt2": (pico_qwen2, pico_gpt2),
+}
+
+
+@pytest.fixture(params=sorted(PAIRS))
+def model_pair(request):
+    make_anchor, make_specialist = PAIRS[request.param]
+    return make_anchor(), make_specialist()
+
+
+def randomize_bridge(composition, *, seed: int = 0, scale: float = 0.5) -> None:
+    """Give every bridge tensor (including the zero-initialised output) random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in composition.bridge.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
