@@ -1,0 +1,730 @@
+"""Files -> training examples -> batches, for training the bridge.
+
+Three row shapes are accepted, decided per file from its first rows:
+
+- ``text``: ``{"text": str}``; every token carries loss.
+- ``prompt_completion``: ``{"prompt": str, "completion": str}``; only the completion (and the eos
+  after it) carries loss.
+- ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
+  rendered with the tokenizer's chat template; only assistant turns carry loss.
+
+Labels follow the Hugging Face convention: aligned with ``input_ids`` (the model shifts them), and
+``-100`` where no loss is taken. Position 0 never carries loss, since nothing predicts it.
+Bad rows are skipped and reported as :class:`RowProblem` (file, 1-based row, what is wrong); a file
+that yields no example at all is a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+from composer.config import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+FORMATS = ("text", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant")
+READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # .gz allowed except parquet
+_REQUIRED_KEYS = {
+    "text": frozenset({"text"}),
+    "prompt_completion": frozenset({"prompt", "completion"}),
+    "messages": frozenset({"messages"}),
+}
+_SHAPES = {
+    "text": '{"text": "..."}',
+    "prompt_completion": '{"prompt": "...", "completion": "..."}',
+    "messages": '{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}',
+}
+_DETECT_SAMPLE = 10  # rows looked at to decide a file's format
+_QUOTED_PROBLEMS = 3  # problems quoted in an "all rows invalid" error
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Why one row of a data file was skipped."""
+
+    source: str  # the file
+    row: int  # 1-based: the n-th example (CSV: header not counted; JSONL: blank lines not counted)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, row {self.row}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training example; ``labels`` is ``IGNORE_INDEX`` where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        assert len(self.input_ids) == len(self.labels), "input_ids and labels differ in length"
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """Examples ready for batching, the detected format and the rows that were skipped."""
+
+    train: list[Example]
+    eval: list[Example]
+    format: str
+    problems: list[RowProblem]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read a data file into a list of row dicts, in file order.
+
+    Accepts ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``), ``.csv``,
+    ``.parquet`` and ``.txt`` (each non-empty block between blank lines becomes
+    ``{"text": block}``); all but parquet may also be gzipped (``.jsonl.gz``). In CSV, a
+    ``messages`` column holding JSON text is decoded. An empty file gives ``[]``.
+
+    Raises ConfigError, naming the file, for a missing file, an unknown extension or an unparsable
+    file (for JSONL, with the line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(
+            f"data file {path} {what}; expected a {'/'.join(READABLE_SUFFIXES)} file; "
+            "check the path"
+        )
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    kind = (suffixes[-2] if len(suffixes) >= 2 else "") if gzipped else (suffixes or [""])[-1]
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt}
+    if kind == ".parquet" and not gzipped:
+        return _read_parquet(path)
+    if kind not in readers:
+        raise ConfigError(
+            f"data file {path} has an unknown extension {''.join(path.suffixes)!r}; expected one "
+            f"of {', '.join(READABLE_SUFFIXES)} (optionally .gz, except .parquet); rename or "
+            "convert the file"
+        )
+    try:
+        with _open_text(path, gzipped) as f:
+            rows = readers[kind](f, path)
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise ConfigError(
+            f"could not read data file {path} ({exc}); expected UTF-8 text"
+            f"{' compressed with gzip' if gzipped else ''}; check the file's encoding"
+        ) from exc
+    logger.debug("read %d rows from %s", len(rows), path)
+    return rows
+
+
+@contextlib.contextmanager
+def _open_text(path: Path, gzipped: bool) -> Iterator[TextIO]:
+    # utf-8-sig: a byte-order mark (common in CSVs saved by spreadsheets) would otherwise end up in
+    # the first key.
+    if gzipped:
+        with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as f:
+            yield f
+    else:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            yield f
+
+
+def _read_jsonl(f: TextIO, path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                "expected one JSON object per line; fix or delete that line"
+            ) from exc
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{path}, line {lineno}: a JSON {type(row).__name__}, expected a JSON object "
+                "such as " + _SHAPES["text"] + "; fix or delete that line"
+            )
+        rows.append(row)
+    return rows
+
+
+def _read_json(f: TextIO, path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as exc:
+        hint = (
+            "; it looks like one object per line: rename it to .jsonl"
+            if exc.msg == "Extra data"
+            else "; fix the file"
+        )
+        raise ConfigError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            f'expected a list of objects or {{"data": [...]}}{hint}'
+        ) from exc
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        found = f"an object with keys {sorted(data)}" if isinstance(data, dict) else type(data)
+        raise ConfigError(
+            f'{path} holds {found}; expected a list of objects or {{"data": [...]}}; '
+            "put the examples in a top-level list"
+        )
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{path}, row {i}: a JSON {type(row).__name__}, expected an object such as "
+                + _SHAPES["text"]
+                + "; fix or delete that row"
+            )
+    return data
+
+
+def _read_csv(f: TextIO, path: Path) -> list[dict[str, Any]]:
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # the default (128 KiB per cell) is too small for documents
+    try:
+        reader = csv.DictReader(f)
+        rows = []
+        try:
+            for record in reader:
+                row: dict[str, Any] = {k: v for k, v in record.items() if k is not None}
+                if isinstance(row.get("messages"), str):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        row["messages"] = json.loads(row["messages"])
+                rows.append(row)
+        except csv.Error as exc:
+            raise ConfigError(
+                f"{path}, line {reader.line_num}: not valid CSV ({exc}); expected a header row "
+                "then one example per row; fix the quoting on that line"
+            ) from exc
+        return rows
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _read_txt(f: TextIO, path: Path) -> list[dict[str, Any]]:
+    text = f.read().replace("\r\n", "\n")
+    blocks = (b.strip("\n") for b in re.split(r"\n[ \t]*\n", text))
+    return [{"text": b} for b in blocks if b.strip()]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa  # lazy: only parquet needs it
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"could not read {path} as Parquet ({exc}); expected a Parquet table with columns "
+            "such as text, or prompt and completion, or messages; check the file"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats and validation
+
+
+def detect_format(rows: Sequence[Mapping[str, Any]], *, source: str | None = None) -> str:
+    """Decide the rows' format (one of :data:`FORMATS`) from the first rows that have one's keys.
+
+    Extra keys are ignored. Rows that fit no shape are skipped here (validation reports them).
+    Raises ConfigError, listing the keys found and the accepted shapes, when no row fits a
+    shape, a row fits several, or the first rows mix formats.
+    """
+    where = f"{source}: " if source else ""
+    shapes = "; ".join(f"{fmt}: {shape}" for fmt, shape in _SHAPES.items())
+    keys_seen: dict[str, None] = {}
+    votes: list[tuple[int, list[str]]] = []  # (row, formats it fits)
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            continue
+        if len(keys_seen) < 30:
+            keys_seen.update(dict.fromkeys(str(k) for k in row))
+        fits = [fmt for fmt, keys in _REQUIRED_KEYS.items() if keys <= row.keys()]
+        if fits:
+            votes.append((i, fits))
+            if len(votes) == _DETECT_SAMPLE:
+                break
+    found = ", ".join(repr(k) for k in keys_seen) or "none"
+    if not votes:
+        raise ConfigError(
+            f"{where}could not tell the data format: the rows have keys {found}; expected one "
+            f"of these shapes: {shapes}; rename the columns to match one"
+        )
+    for i, fits in votes:
+        if len(fits) > 1:
+            raise ConfigError(
+                f"{where}row {i} has keys {found}, which fit more than one format "
+                f"({', '.join(fits)}); keep the keys of exactly one shape: {shapes}"
+            )
+    formats = dict.fromkeys(fits[0] for _, fits in votes)
+    if len(formats) > 1:
+        first_row = {fmt: next(i for i, fits in votes if fits[0] == fmt) for fmt in formats}
+        firsts = ", ".join(f"{fmt} (row {row})" for fmt, row in first_row.items())
+        raise ConfigError(
+            f"{where}the first rows mix formats: {firsts}; use one shape per file: {shapes}"
+        )
+    return next(iter(formats))
+
+
+def validate_rows(rows: Sequence[Any], fmt: str, *, source: str) -> list[RowProblem]:
+    """Check every row against ``fmt``; return one :class:`RowProblem` per bad row, in row order.
+
+    Checks: the row is an object with the format's keys; values are strings (messages: a
+    non-empty list of {role, content} with role in system/user/assistant); no string is empty;
+    a conversation has at least one assistant message.
+    """
+    _check_format_name(fmt)
+    problems = []
+    for i, row in enumerate(rows, start=1):
+        message = _row_problem(row, fmt)
+        if message is not None:
+            problems.append(RowProblem(source, i, message))
+    return problems
+
+
+def _check_format_name(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format is {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _row_problem(row: Any, fmt: str) -> str | None:
+    """What is wrong with one row for ``fmt``, or None."""
+    if not isinstance(row, Mapping):
+        return f"a {type(row).__name__}, expected an object like {_SHAPES[fmt]}"
+    missing = sorted(_REQUIRED_KEYS[fmt] - row.keys())
+    if missing:
+        return (
+            f"missing {', '.join(repr(k) for k in missing)} (has {', '.join(map(repr, row))}); "
+            f"this file's rows are {fmt}: {_SHAPES[fmt]}"
+        )
+    if fmt in ("text", "prompt_completion"):
+        for key in sorted(_REQUIRED_KEYS[fmt], reverse=True):  # text / prompt before completion
+            value = row[key]
+            if not isinstance(value, str):
+                return f"{key!r} is {_describe(value)}, expected a string"
+            if not value.strip():
+                hint = "; use the text format for rows without a prompt" if key == "prompt" else ""
+                return f"{key!r} is empty{hint}"
+        return None
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return f"'messages' is {_describe(messages)}, expected a non-empty list of messages"
+    for j, message in enumerate(messages, start=1):
+        if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
+            return f"message {j} is {_describe(message)}, expected {{'role': ..., 'content': ...}}"
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            return f"message {j} has role {role!r}, expected one of {', '.join(ROLES)}"
+        if not isinstance(content, str):
+            return f"message {j} ({role}) has content {_describe(content)}, expected a string"
+        if not content.strip():
+            return f"message {j} ({role}) has empty content"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message, so nothing to learn from; add the assistant's reply"
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and label masking
+
+
+def encode(
+    row: Mapping[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase, *, max_length: int
+) -> Example:
+    """Tokenize one valid row and mask its labels.
+
+    Guarantees: ``input_ids`` starts with bos when the tokenizer has one (never twice); loss is
+    taken on every token of a text (then eos), on the completion and the eos after it, or on
+    each assistant turn as the chat template renders it (its content and end-of-turn token);
+    ``labels[0]`` is ``IGNORE_INDEX``; at most ``max_length`` tokens, keeping the start.
+
+    Raises ConfigError when the row is invalid, the chat template cannot be split into turns, or
+    no token carries loss after truncation.
+    """
+    _check_max_length(max_length)
+    input_ids, labels = _tokenize(row, fmt, tokenizer)
+    return _truncate(input_ids, labels, max_length)
+
+
+def _check_max_length(max_length: int) -> None:
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(
+            f"max_length is {max_length!r}; expected an integer of at least 2 (one token of "
+            "context and one to predict)"
+        )
+
+
+def _truncate(input_ids: list[int], labels: list[int], max_length: int) -> Example:
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise ConfigError(
+            "no token carries loss (an assistant message that opens a conversation is context "
+            "only); put the user's message before the reply"
+        )
+    if len(input_ids) > max_length and all(lab == IGNORE_INDEX for lab in labels[:max_length]):
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        raise ConfigError(
+            f"no token carries loss after truncation to max_length={max_length}: the example has "
+            f"{len(input_ids)} tokens and loss starts at token {first}; raise max_length or "
+            "shorten the prompt"
+        )
+    return Example(input_ids=input_ids[:max_length], labels=labels[:max_length])
+
+
+def _tokenize(
+    row: Mapping[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """Full-length input_ids and labels of one row (raises ConfigError for an invalid row)."""
+    _check_format_name(fmt)
+    problem = _row_problem(row, fmt)
+    if problem is not None:
+        raise ConfigError(problem)
+    if fmt == "messages":
+        _check_chat_tokenizer(tokenizer)
+        input_ids, labels = _tokenize_messages(row["messages"], tokenizer)
+    else:
+        prompt = _ids(tokenizer, row["prompt"]) if fmt == "prompt_completion" else []
+        target = _ids(tokenizer, row["completion" if fmt == "prompt_completion" else "text"])
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        input_ids = prompt + target + eos
+        labels = [IGNORE_INDEX] * len(prompt) + target + eos
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not input_ids or input_ids[0] != bos):
+        input_ids, labels = [bos, *input_ids], [IGNORE_INDEX, *labels]
+    labels[0] = IGNORE_INDEX  # nothing predicts the first token
+    return input_ids, labels
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # bos/eos are placed by this module, not by the tokenizer's post-processor.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no chat template, which the messages "
+            "format needs; use a chat/instruct model's tokenizer or convert the rows to "
+            f"prompt_completion: {_SHAPES['prompt_completion']}"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; the messages "
+            "format needs character offsets to find assistant turns; load it with use_fast=True"
+        )
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Mapping[str, Any]], *, prompt: bool
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=prompt
+        )
+    except Exception as exc:  # a template can raise anything (raise_exception, TypeError, ...)
+        raise ConfigError(
+            f"the chat template refused the conversation ({exc}); fix the conversation "
+            "(e.g. alternate user and assistant turns) or the template"
+        ) from exc
+    assert isinstance(text, str)
+    return text
+
+
+def _tokenize_messages(
+    messages: list[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """Render the whole conversation once; loss on the tokens overlapping an assistant span.
+
+    The span of assistant message i is what rendering ``messages[:i + 1]`` adds to rendering
+    ``messages[:i]`` with the generation prompt, with trailing whitespace dropped. That needs each
+    rendering to be a prefix of the next; a template that rewrites earlier turns (e.g. one that
+    drops past reasoning) breaks it and the row is refused. An assistant message that opens the
+    conversation has no prompt to render before it and carries no loss.
+    """
+    full = _render(tokenizer, messages, prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        before = _render(tokenizer, messages[:i], prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], prompt=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ConfigError(
+                f"the chat template does not render message {i + 1} (assistant) as an extension "
+                "of the conversation before it, so its tokens cannot be told apart; use a "
+                "template whose renderings of longer conversations extend shorter ones, or "
+                "convert the rows to prompt_completion"
+            )
+        end = max(len(before), len(upto.rstrip()))
+        spans.append((len(before), end))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        if any(_overlaps(start, end, s, e) for s, e in spans):
+            labels[t] = input_ids[t]
+    return input_ids, labels
+
+
+def _overlaps(start: int, end: int, span_start: int, span_end: int) -> bool:
+    if start == end:  # a zero-width token belongs where it sits
+        return span_start <= start < span_end
+    return start < span_end and end > span_start
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def load_dataset(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    eval_fraction: float = 0.0,
+    eval_path: str | Path | None = None,
+    seed: int = 0,
+) -> DatasetSplit:
+    """Read, validate and encode a data file; hold out an eval set.
+
+    Bad rows are skipped and listed in ``problems``. The eval set is ``eval_path`` (encoded the
+    same way; its format may differ) or, with ``eval_fraction > 0``, a random subset of the
+    file (at least one example; the same for the same seed); both lists keep file order.
+
+    Raises ConfigError for unreadable files, an undecidable format, bad settings, or a file
+    that yields no example (quoting its first problems).
+    """
+    _check_max_length(max_length)
+    if not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction < 1.0:
+        raise ConfigError(
+            f"eval_fraction is {eval_fraction!r}; expected a number in [0, 1) such as 0.1"
+        )
+    if eval_path is not None and eval_fraction > 0:
+        raise ConfigError(
+            f"both eval_path ({eval_path}) and eval_fraction ({eval_fraction}) are set; "
+            "expected one way to get an eval set; drop one of them"
+        )
+    examples, fmt, problems = _load_examples(Path(path), tokenizer, max_length)
+    eval_examples: list[Example] = []
+    if eval_path is not None:
+        eval_examples, _, eval_problems = _load_examples(Path(eval_path), tokenizer, max_length)
+        problems = problems + eval_problems
+    elif eval_fraction > 0:
+        n_eval = max(1, round(len(examples) * eval_fraction))
+        if n_eval >= len(examples):
+            raise ConfigError(
+                f"{path} has {len(examples)} usable example(s), too few to hold out "
+                f"eval_fraction={eval_fraction}; add examples or set eval_fraction to 0"
+            )
+        held_out = set(random.Random(seed).sample(range(len(examples)), n_eval))
+        eval_examples = [ex for i, ex in enumerate(examples) if i in held_out]
+        examples = [ex for i, ex in enumerate(examples) if i not in held_out]
+    logger.info(
+        "%s: %d train and %d eval examples (%s format), %d row(s) skipped",
+        path,
+        len(examples),
+        len(eval_examples),
+        fmt,
+        len(problems),
+    )
+    return DatasetSplit(train=examples, eval=eval_examples, format=fmt, problems=problems)
+
+
+def _load_examples(
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[Example], str, list[RowProblem]]:
+    rows = read_rows(path)
+    source = str(path)
+    if not rows:
+        raise ConfigError(
+            f"{source} has no examples; expected rows shaped like one of: "
+            + "; ".join(_SHAPES.values())
+            + "; check that you picked the right file"
+        )
+    fmt = detect_format(rows, source=source)
+    if fmt == "messages":
+        _check_chat_tokenizer(tokenizer)  # once, instead of once per row
+    problems = validate_rows(rows, fmt, source=source)
+    bad = {p.row for p in problems}
+    examples = []
+    for i, row in enumerate(rows, start=1):
+        if i in bad:
+            continue
+        try:
+            examples.append(encode(row, fmt, tokenizer, max_length=max_length))
+        except ConfigError as exc:
+            problems.append(RowProblem(source, i, str(exc)))
+    problems.sort(key=lambda p: p.row)
+    for problem in problems[:_QUOTED_PROBLEMS]:
+        logger.warning("skipped %s", problem)
+    if not examples:
+        quoted = "; ".join(str(p) for p in problems[:_QUOTED_PROBLEMS])
+        more = len(problems) - _QUOTED_PROBLEMS
+        raise ConfigError(
+            f"no usable example in {source}: all {len(rows)} rows were rejected ({fmt} format). "
+            f"First problems: {quoted}{f' (and {more} more)' if more > 0 else ''}"
+        )
+    return examples, fmt, problems
+
+
+def preview(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_length: int, n: int = 5
+) -> list[dict[str, Any]]:
+    """Show how the first ``n`` rows of a file will be trained on, for a UI.
+
+    Each dict has: ``row`` (1-based), ``format``, ``text`` (the truncated input decoded with its
+    special tokens), ``loss_text`` (the tokens carrying loss, decoded together),
+    ``loss_spans`` (each contiguous run of them, decoded), ``num_tokens`` (after truncation),
+    ``num_loss_tokens``, ``truncated`` and ``problem`` (why the row would be skipped, or None).
+    An invalid row has empty text fields; a row skipped for losing all its loss tokens to
+    truncation is still shown as it would be cut. File-level errors raise ConfigError as in
+    :func:`load_dataset`.
+    """
+    _check_max_length(max_length)
+    rows = read_rows(path)
+    if not rows:
+        raise ConfigError(f"{path} has no examples; check that you picked the right file")
+    fmt = detect_format(rows, source=str(path))
+    out = []
+    for i, row in enumerate(rows[:n], start=1):
+        entry: dict[str, Any] = {
+            "row": i,
+            "format": fmt,
+            "text": "",
+            "loss_text": "",
+            "loss_spans": [],
+            "num_tokens": 0,
+            "num_loss_tokens": 0,
+            "truncated": False,
+            "problem": None,
+        }
+        try:
+            input_ids, labels = _tokenize(row, fmt, tokenizer)
+        except ConfigError as exc:  # an invalid row: nothing to show but why
+            entry["problem"] = str(exc)
+            out.append(entry)
+            continue
+        try:
+            _truncate(input_ids, labels, max_length)
+        except ConfigError as exc:  # shown as it would be cut, with the reason it is skipped
+            entry["problem"] = str(exc)
+        full_length = len(input_ids)
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        loss_ids = [t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX]
+        entry.update(
+            text=tokenizer.decode(input_ids, skip_special_tokens=False),
+            loss_text=tokenizer.decode(loss_ids, skip_special_tokens=False),
+            loss_spans=[
+                tokenizer.decode(span, skip_special_tokens=False)
+                for span in _runs(input_ids, labels)
+            ],
+            num_tokens=len(input_ids),
+            num_loss_tokens=len(loss_ids),
+            truncated=full_length > max_length,
+        )
+        out.append(entry)
+    return out
+
+
+def _runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Contiguous runs of loss-carrying tokens."""
+    runs: list[list[int]] = []
+    previous = False
+    for token, label in zip(input_ids, labels, strict=True):
+        current = label != IGNORE_INDEX
+        if current and not previous:
+            runs.append([])
+        if current:
+            runs[-1].append(token)
+        previous = current
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate(
+    examples: Sequence[Example], *, pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad examples to the longest one into int64 tensors of shape (B, T).
+
+    ``attention_mask`` is 1 on real tokens; padding has ``pad_token_id`` in ``input_ids`` and
+    ``IGNORE_INDEX`` in ``labels``. ``padding_side="left"`` puts the padding first (for
+    generation), ``"right"`` last.
+    """
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side is {padding_side!r}; expected 'left' or 'right'")
+    if pad_token_id is None:
+        raise ConfigError(
+            "pad_token_id is None; the tokenizer has no pad token; pass another id "
+            "(e.g. the eos id): padded positions are masked out anyway"
+        )
+    if not examples:
+        raise ValueError("collate() needs at least one example")
+    batch, longest = len(examples), max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)  # (B, T)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for b, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        cols = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        input_ids[b, cols] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention_mask[b, cols] = 1
+        labels[b, cols] = torch.tensor(ex.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def length_grouped_batches(
+    examples: Sequence[Example], *, batch_size: int, seed: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Group example indices into batches of similar length, to waste little padding.
+
+    Every index appears exactly once; batches hold ``batch_size`` indices (the last of each
+    mega-batch may hold fewer). Indices are (optionally) shuffled, cut into mega-batches of
+    ``50 * batch_size``, sorted longest-first within each and cut into batches. With ``shuffle``
+    the batch order is then shuffled, and the batch holding the longest example goes first so an
+    out-of-memory error shows at the first step. The same seed gives the same batches.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size is {batch_size!r}; expected a positive integer")
+    lengths = [len(ex.input_ids) for ex in examples]
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    mega = 50 * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])  # stable
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    if shuffle and batches:
+        rng.shuffle(batches)
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
