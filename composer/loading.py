@@ -11,9 +11,9 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -301,7 +301,7 @@ def load_composition(
     device: torch.device | str | None = None,
     seed: int | None = None,
 ) -> Composition:
-    """Load both models of a recipe and compose them (a new bridge, or a saved one from ``bridge``)."""
+    """Load both models of a recipe and compose them (a new bridge, or the saved ``bridge``)."""
     from composer.composition import compose
     from composer.export import load_bridge
 

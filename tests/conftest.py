@@ -16,10 +16,12 @@ from transformers import (
 VOCAB = 97
 
 
-def pico_llama(*, layers: int = 6, width: int = 64, seed: int = 0) -> LlamaForCausalLM:
+def pico_llama(
+    *, layers: int = 6, width: int = 64, seed: int = 0, vocab_size: int = VOCAB
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
@@ -33,10 +35,12 @@ def pico_llama(*, layers: int = 6, width: int = 64, seed: int = 0) -> LlamaForCa
     return LlamaForCausalLM(config).eval()
 
 
-def pico_qwen2(*, layers: int = 8, width: int = 48, seed: int = 1) -> Qwen2ForCausalLM:
+def pico_qwen2(
+    *, layers: int = 8, width: int = 48, seed: int = 1, vocab_size: int = VOCAB
+) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
@@ -53,8 +57,14 @@ def pico_qwen2(*, layers: int = 8, width: int = 48, seed: int = 1) -> Qwen2ForCa
 def pico_gpt2(*, layers: int = 4, width: int = 32, seed: int = 2) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=4, n_positions=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
 

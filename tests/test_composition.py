@@ -145,7 +145,11 @@ def test_only_bridge_tensors_change_in_training(model_pair):
     for role, model in (("anchor", anchor), ("specialist", specialist)):
         for k, v in model.state_dict().items():
             assert torch.equal(v, frozen_before[f"{role}.{k}"]), f"{role} {k} changed"
-    changed = [k for k, v in composition.bridge.state_dict().items() if not torch.equal(v, bridge_before[k])]
+    changed = [
+        k
+        for k, v in composition.bridge.state_dict().items()
+        if not torch.equal(v, bridge_before[k])
+    ]
     assert any(k.endswith("o_proj.weight") for k in changed)
     assert len(changed) == len(bridge_before)
 
