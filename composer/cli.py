@@ -1,0 +1,156 @@
+"""The command line: every action of the app as a command. Parses, validates, calls; no logic.
+
+User mistakes (ConfigError) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from composer.config import ConfigError, read_recipe
+
+logger = logging.getLogger(__name__)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from composer.composition import bridge_shape_for
+    from composer.loading import load_config
+    from composer.memory import (
+        bridge_training_bytes,
+        count_parameters,
+        gib,
+        probe_device,
+        weight_bytes,
+    )
+
+    recipe = read_recipe(args.recipe)
+    configs = {role: load_config(getattr(recipe, role)) for role in ("anchor", "specialist")}
+    shape = bridge_shape_for(configs["anchor"], configs["specialist"], recipe.bridge)
+    counts = {role: count_parameters(config) for role, config in configs.items()}
+    bridge_params = shape.num_parameters()
+    device = probe_device()
+    dtype = "bfloat16" if device.name.startswith("cuda") else "float32"
+    lines = [f"recipe: {args.recipe}" + (f" ({recipe.name})" if recipe.name else "")]
+    for role in ("anchor", "specialist"):
+        spec = getattr(recipe, role)
+        size = weight_bytes(counts[role], quantization=spec.quantization, dtype=dtype)
+        lines.append(
+            f"{role}: {spec.model} [{spec.quantization}] {counts[role].total / 1e6:,.1f}M "
+            f"parameters, weights {gib(size)}"
+        )
+    lines.append(
+        f"bridge: {len(shape.pairs)} blocks, {shape.num_heads} heads x {shape.head_dim}, "
+        f"{bridge_params:,} parameters ({100 * bridge_params / counts['anchor'].total:.2f}% of "
+        f"the anchor), {gib(bridge_training_bytes(bridge_params))} with gradients and AdamW state"
+    )
+    lines.append("layer pairs (anchor layer <- specialist layer, 0-based):")
+    lines += [f"  {a:>3} <- {s}" for a, s in shape.pairs]
+    total = sum(
+        weight_bytes(counts[r], quantization=getattr(recipe, r).quantization, dtype=dtype)
+        for r in ("anchor", "specialist")
+    ) + bridge_training_bytes(bridge_params)
+    fits = "fits" if total < device.available_bytes else "does NOT fit"
+    lines.append(
+        f"weights + trainable state: {gib(total)}; {device.name}: {gib(device.available_bytes)} "
+        f"free of {gib(device.total_bytes)} -> {fits} (activations come on top: "
+        "see `calm-composer plan`)"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from composer.generate import chat_input_ids
+    from composer.loading import load_composition
+
+    recipe = read_recipe(args.recipe)
+    composition = load_composition(recipe, bridge=args.bridge)
+    if args.bridge is None:
+        logger.warning("no --bridge given: the bridge is untrained, so this is the anchor alone")
+    tokenizer = composition.tokenizer
+    if args.chat:
+        input_ids = chat_input_ids(
+            tokenizer, [{"role": "user", "content": args.prompt}], system_prompt=args.system
+        )
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    settings = recipe.generation
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    sample = settings.do_sample if args.temperature is None else args.temperature > 0
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample and args.temperature else settings.temperature,
+        top_p=args.top_p or settings.top_p,
+        top_k=settings.top_k if args.top_k is None else args.top_k,
+        repetition_penalty=args.repetition_penalty or settings.repetition_penalty,
+        stop_strings=tuple(args.stop or settings.stop),
+        streamer=streamer,
+        generator=generator,
+    )
+    if args.no_bridge:
+        with composition.bridge_off():
+            composition.generate(input_ids, **kwargs)
+    else:
+        composition.generate(input_ids, **kwargs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calm-composer",
+        description="Compose a frozen anchor LLM with a frozen specialist through a bridge.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="layer pairs, bridge size and memory, nothing loaded")
+    info.add_argument("recipe", help="composition recipe (.yaml)")
+    info.set_defaults(run=_info)
+
+    generate = commands.add_parser("generate", help="stream a reply from the composed model")
+    generate.add_argument("recipe", help="composition recipe (.yaml)")
+    generate.add_argument("--bridge", help="bridge folder (save_bridge / train output)")
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template"
+    )
+    generate.add_argument("--system", help="system prompt (with --chat)")
+    generate.add_argument("--max-new-tokens", type=int, help="default: the recipe's (256)")
+    generate.add_argument("--temperature", type=float, help="> 0 samples; default greedy")
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--repetition-penalty", type=float)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--seed", type=int, help="sampling seed")
+    generate.add_argument("--no-bridge", action="store_true", help="the anchor alone, to compare")
+    generate.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"calm-composer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("calm-composer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The command line on pico models saved as real folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from composer.cli import main
+from composer.loading import load_composition
+from tests.conftest import pico_llama, pico_qwen2, randomize_bridge
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    from composer.chartok import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = build_char_tokenizer()
+    for name, model in (
+        ("anchor", pico_llama(vocab_size=len(tokenizer))),
+        ("specialist", pico_qwen2(vocab_size=len(tokenizer))),
+    ):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    path = root / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "pico",
+                "anchor": {"model": str(root / "anchor")},
+                "specialist": {"model": str(root / "specialist")},
+                "bridge": {"every": 2, "num_heads": 2, "head_dim": 16},
+                "generation": {"max_new_tokens": 8},
+            }
+        )
+    )
+    return path
+
+
+def test_info_shows_pairs_size_and_memory(recipe, capsys):
+    assert main(["info", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "bridge: 4 blocks, 2 heads x 16" in out
+    assert "% of the anchor" in out and "GiB" in out
+    assert "  1 <- 1" in out  # first layer pair
+
+
+def test_generate_streams_the_composed_reply(recipe, tmp_path, capsys):
+    composition = load_composition(recipe)
+    randomize_bridge(composition, scale=0.3)
+    composition.save_bridge(tmp_path / "bridge")
+    prompt = "ab+c="
+    ids = composition.tokenizer(prompt, return_tensors="pt").input_ids
+    expected = composition.tokenizer.decode(
+        composition.generate(ids, max_new_tokens=8)[0], skip_special_tokens=True
+    )
+    assert (
+        main(["generate", str(recipe), "--bridge", str(tmp_path / "bridge"), "--prompt", prompt])
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_user_errors_are_one_line_and_exit_2(recipe, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("every: 2", "every: 0"))
+    result = subprocess.run(
+        [sys.executable, "-m", "composer.cli", "info", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "calm-composer: error: bridge.every is 0; expected a whole number >= 1 (paper: 4)"
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "composer.cli",
+            "generate",
+            str(recipe),
+            "--bridge",
+            str(tmp_path),
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a bridge folder" in result.stderr
