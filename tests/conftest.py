@@ -16,11 +16,8 @@ from transformers import (
 VOCAB = 97
 
 
-def pico_llama(
-    *, layers: int = 6, width: int = 64, seed: int = 0, vocab_size: int = VOCAB
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def _decoder_config(config_class, *, layers: int, width: int, vocab_size: int):
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=2 * width,
@@ -32,6 +29,13 @@ def pico_llama(
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def pico_llama(
+    *, layers: int = 6, width: int = 64, seed: int = 0, vocab_size: int = VOCAB
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = _decoder_config(LlamaConfig, layers=layers, width=width, vocab_size=vocab_size)
     return LlamaForCausalLM(config).eval()
 
 
@@ -39,18 +43,7 @@ def pico_qwen2(
     *, layers: int = 8, width: int = 48, seed: int = 1, vocab_size: int = VOCAB
 ) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = _decoder_config(Qwen2Config, layers=layers, width=width, vocab_size=vocab_size)
     return Qwen2ForCausalLM(config).eval()
 
 
