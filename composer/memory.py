@@ -83,3 +83,185 @@ def probe_device(device: torch.device | None = None) -> DeviceMemory:
 
 def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: activations and the plan shown by `calm-composer plan`
+
+# Values a pre-norm decoder layer keeps for backward, per token: about 10 x width (norm inputs
+# and outputs, q/k/v, attention output, residuals) + 4 x the MLP width (gate, up, activation,
+# product), with fused attention (no T x T matrix). A rough, slightly generous rule of thumb.
+_LAYER_WIDTHS, _LAYER_MLP_WIDTHS = 10, 4
+_HEADROOM = 0.9  # a plan "fits" when it needs at most 90% of what is free (allocator, fragments)
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes one training step needs on top of the frozen weights (estimates, from configs)."""
+
+    bridge: int  # bridge weights + gradients + optimizer moments
+    anchor_activations: int  # kept for backward in the anchor layers above the lowest connected
+    bridge_activations: int  # the blocks' own, including (B, H, T, T) attention on the CPU path
+    logits: int  # (B, T, vocab) logits, their float32 copy and its gradient
+
+    @property
+    def total(self) -> int:
+        return self.bridge + self.anchor_activations + self.bridge_activations + self.logits
+
+
+def training_peak_bytes(
+    anchor_config: Any,
+    bridge_shape: Any,  # composer.bridge.BridgeShape
+    *,
+    batch_size: int,
+    max_length: int,
+    gradient_checkpointing: bool = False,
+    activation_bytes: int = 4,  # 2 under bf16 autocast or a bf16 anchor
+    optimizer: str = "adamw",
+    bridge_dtype: str = "float32",
+) -> TrainingMemory:
+    """Estimate a training step's memory beyond the frozen weights, for the longest batch (pure).
+
+    Only anchor layers above the lowest connected one keep activations (nothing below needs a
+    gradient; the specialist runs without autograd). With gradient checkpointing those layers
+    keep only their inputs, plus one layer's activations while it is recomputed.
+    """
+    from composer.architectures import model_shape
+
+    shape = model_shape(anchor_config)
+    text = anchor_config.get_text_config() if hasattr(anchor_config, "get_text_config") else None
+    mlp = getattr(text or anchor_config, "intermediate_size", None) or 4 * shape.width
+    tokens = batch_size * max_length
+    lowest = min(a for a, _ in bridge_shape.pairs)
+    recorded = shape.num_layers - lowest - 1
+    per_layer = tokens * (_LAYER_WIDTHS * shape.width + _LAYER_MLP_WIDTHS * mlp) * activation_bytes
+    if gradient_checkpointing:
+        anchor = recorded * tokens * shape.width * activation_bytes + min(recorded, 1) * per_layer
+    else:
+        anchor = recorded * per_layer
+    per = _DTYPE_BYTES[bridge_dtype]
+    kv_in = shape.width if bridge_shape.project_specialist else bridge_shape.d_specialist
+    per_block = (
+        tokens
+        * per
+        * (2 * shape.width + 4 * bridge_shape.inner + 2 * kv_in + bridge_shape.d_specialist)
+        + batch_size * bridge_shape.num_heads * max_length * max_length * 4
+    )
+    bridge = bridge_training_bytes(bridge_shape.num_parameters(), dtype=bridge_dtype)
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        bridge -= bridge_shape.num_parameters() * 6  # two 1-byte moments instead of two float32
+    logits = tokens * shape.vocab_size * (activation_bytes + 8)
+    return TrainingMemory(
+        bridge=bridge,
+        anchor_activations=anchor,
+        bridge_activations=per_block * len(bridge_shape.pairs),
+        logits=logits,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a recipe's training needs on this machine, per component, and whether it fits."""
+
+    device: DeviceMemory
+    components: tuple[tuple[str, int, str], ...]  # (name, bytes, how it was counted)
+    bridge_parameters: int
+    batch_size: int
+    max_length: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.components)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= _HEADROOM * self.device.available_bytes
+
+    def format(self) -> list[str]:
+        """Human-readable lines: one per component, the total and the verdict."""
+        width = max(len(name) for name, _, _ in self.components)
+        lines = [
+            f"training plan (batch {self.batch_size} x {self.max_length} tokens, "
+            f"{self.bridge_parameters:,} bridge parameters):"
+        ]
+        for name, size, note in self.components:
+            lines.append(f"  {name:<{width}}  {_human(size):>10}  {note}")
+        lines.append(f"  {'total':<{width}}  {_human(self.total_bytes):>10}")
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(
+            f"{verdict} in {self.device.name}: {gib(self.device.available_bytes)} free of "
+            f"{gib(self.device.total_bytes)} (keeping 10% headroom)"
+        )
+        if not self.fits:
+            lines.append(
+                "to fit: lower training.batch_size or training.max_length, set "
+                "training.gradient_checkpointing: true, or load the anchor with quantization: nf4"
+            )
+        return lines
+
+
+def plan(
+    recipe: Any,  # a recipe file path, a mapping or a CompositionConfig
+    *,
+    device: torch.device | None = None,
+) -> Plan:
+    """Estimate a recipe's training memory from the models' configs alone (no weights loaded).
+
+    Components: both frozen models' weights (at their quantization and dtype), the bridge with
+    its gradients and optimizer state, and the activations of the longest batch.
+    """
+    from composer.composition import bridge_shape_for
+    from composer.config import CompositionConfig, read_recipe
+    from composer.loading import load_config, resolve_dtype
+    from composer.training_config import TrainingConfig
+
+    config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
+    training = TrainingConfig.from_mapping(config.training)
+    memory = probe_device(device)
+    target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    components: list[tuple[str, int, str]] = []
+    configs = {}
+    dtypes = {}
+    for role, spec in (("anchor", config.anchor), ("specialist", config.specialist)):
+        model_config = configs[role] = load_config(spec)
+        dtype = str(resolve_dtype(spec.dtype, target)).removeprefix("torch.")
+        dtypes[role] = dtype
+        count = count_parameters(model_config)
+        size = weight_bytes(count, quantization=spec.quantization, dtype=dtype)
+        components.append(
+            (f"{role} weights", size, f"{count.total:,} parameters, {spec.quantization}, {dtype}")
+        )
+    shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
+    bf16 = training.bf16 is True or (training.bf16 == "auto" and target.type == "cuda")
+    activation_bytes = 2 if bf16 or dtypes["anchor"] != "float32" else 4
+    step = training_peak_bytes(
+        configs["anchor"],
+        shape,
+        batch_size=training.batch_size,
+        max_length=training.max_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        activation_bytes=activation_bytes,
+        optimizer=training.optimizer if target.type == "cuda" else "adamw",
+        bridge_dtype=config.bridge.dtype,
+    )
+    checkpointing = "on" if training.gradient_checkpointing else "off"
+    components += [
+        ("bridge + grads + optimizer", step.bridge, f"{training.optimizer}, {config.bridge.dtype}"),
+        ("anchor activations", step.anchor_activations, f"gradient checkpointing {checkpointing}"),
+        ("bridge activations", step.bridge_activations, f"{len(shape.pairs)} block(s)"),
+        ("logits", step.logits, "logits, float32 copy and gradient"),
+    ]
+    return Plan(
+        device=memory,
+        components=tuple(components),
+        bridge_parameters=shape.num_parameters(),
+        batch_size=training.batch_size,
+        max_length=training.max_length,
+    )
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

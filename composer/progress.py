@@ -1,0 +1,171 @@
+"""The files a training run leaves in its output folder, and how each is written.
+
+```
+DIR/status.json            state (running|stopping|stopped|finished|failed), pid, step, reason, ...
+DIR/progress.jsonl         one JSON object per logged step (a UI tails it)
+DIR/train.log              the run's log, with the traceback of a failure
+DIR/checkpoints/step-N/    everything needed to resume exactly after step N
+DIR/bridge/                the finished bridge (composer.export format)
+DIR/STOP                   create it to ask a running job to checkpoint and stop
+```
+
+Every file that is replaced (status, checkpoints) is written to a temporary name and moved into
+place with ``os.replace``, so a crash or SIGKILL never leaves a half-written one. progress.jsonl
+is appended to; a torn last line is dropped when a run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STATUS = "status.json"
+PROGRESS = "progress.jsonl"
+LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+BRIDGE = "bridge"
+STOP = "STOP"
+STATES = ("running", "stopping", "stopped", "finished", "failed")
+PROGRESS_KEYS = (
+    "step",
+    "max_steps",
+    "epoch",
+    "loss",
+    "lr",
+    "tokens_per_second",
+    "elapsed_s",
+    "eta_s",
+    "peak_memory_bytes",
+)  # plus "eval_loss" on lines where the eval set was scored
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_status(output_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
+    """Replace status.json with ``state``, this process id, the time and ``fields``."""
+    assert state in STATES, state
+    status = {"state": state, "pid": os.getpid(), "updated_at": time.time(), **fields}
+    write_json_atomically(Path(output_dir) / STATUS, status)
+    return status
+
+
+def read_status(output_dir: Path) -> dict[str, Any] | None:
+    """status.json as a dict, or None when there is none (or it cannot be parsed)."""
+    try:
+        return json.loads((Path(output_dir) / STATUS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_progress(output_dir: Path) -> list[dict[str, Any]]:
+    """Every well-formed line of progress.jsonl, in order (a torn line is skipped)."""
+    path = Path(output_dir) / PROGRESS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def truncate_progress(output_dir: Path, *, upto_step: int) -> int:
+    """Keep only well-formed lines with step <= ``upto_step`` (before resuming); returns the count.
+
+    Lines written after the checkpoint a run resumes from would otherwise appear twice.
+    """
+    path = Path(output_dir) / PROGRESS
+    kept = [r for r in read_progress(output_dir) if r["step"] <= upto_step]
+    if path.exists():
+        tmp = path.with_name(f".{PROGRESS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(kept)
+
+
+def append_progress(output_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(output_dir) / PROGRESS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest first (temporary folders are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_NAME.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def write_checkpoint(
+    output_dir: Path, step: int, write: Callable[[Path], None], *, keep: int
+) -> Path:
+    """Fill a temporary folder with ``write``, move it to ``checkpoints/step-N``, keep the newest K.
+
+    The rename is the commit point: a folder named ``step-N`` is always complete.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if target.exists():  # e.g. stopped right after resuming from this very step
+            old = Path(tempfile.mkdtemp(prefix=f".step-{step}.old-", dir=root))
+            os.replace(target, old / "checkpoint")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old_folder in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old_folder, ignore_errors=True)
+    for leftover in root.glob(".step-*"):  # temporary folders of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    logger.info("checkpoint written: %s", target)
+    return target

@@ -1,0 +1,762 @@
+"""The training run: data -> bridge steps -> checkpoints -> the finished bridge folder.
+
+``train(recipe, output_dir=DIR)`` trains only the bridge (the anchor and specialist stay frozen)
+with accelerate, so the same code runs on a CPU, a GPU, or N processes under ``torchrun``
+(data parallel: every process gets its shard of each global batch; only rank 0 writes files).
+
+Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint holds the
+bridge, the optimizer, the scheduler, the RNG states and the step, so re-running the same command
+on the same folder continues the same loss curve to the same bridge. The loss of one optimizer
+step is the mean over every loss token of its global batch, whatever the number of processes and
+micro-batches, so 1 and N processes compute the same gradients.
+
+Files written: see :mod:`composer.progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from composer import progress
+from composer.architectures import decoder_layers
+from composer.config import CompositionConfig, ConfigError, read_recipe
+from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
+from composer.training_config import DataConfig, TrainingConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from composer.composition import Composition
+
+logger = logging.getLogger(__name__)
+
+_BRIDGE_TENSORS = "bridge.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_SCHEDULER = "scheduler.json"
+_RNG = "rng.safetensors"
+_STATE = "trainer_state.json"
+# Settings that decide the data order and the step arithmetic: a checkpoint made with other values
+# cannot be continued exactly.
+_RESUME_KEYS = ("batch_size", "grad_accum", "seed", "max_length")
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (STOP file, SIGINT, SIGTERM) and left a resumable checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"training stopped after step {step}; checkpoint {checkpoint}; run the same command "
+            "again to resume"
+        )
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class TrainingFailed(ConfigError):
+    """The run cannot go on with these settings (e.g. out of memory); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure decisions: batches, loss normalisation, schedule
+
+
+@dataclass
+class BatchStream:
+    """The global micro-batches of a run, in order: epoch e is a length-grouped shuffle with
+    seed ``seed + e``. Micro-batch m of the run is a pure function of m (exact resume)."""
+
+    examples: Sequence[Example]
+    batch_size: int
+    seed: int
+    _epochs: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.batches_per_epoch = len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self._epochs = {
+                epoch: length_grouped_batches(
+                    self.examples, batch_size=self.batch_size, seed=self.seed + epoch
+                )
+            }
+        return self._epochs[epoch]
+
+    def micro_batch(self, m: int) -> list[int]:
+        """Example indices of the run's m-th global micro-batch (0-based)."""
+        epoch, index = divmod(m, self.batches_per_epoch)
+        return self._epoch(epoch)[index]
+
+    def epoch_at(self, micro_batches_done: int) -> float:
+        return micro_batches_done / self.batches_per_epoch
+
+
+def loss_tokens(example: Example) -> int:
+    """Tokens of an example that carry loss (position 0 predicts nothing)."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def shard(indices: Sequence[int], *, rank: int, world_size: int) -> list[int]:
+    """This process's part of a global micro-batch (round robin; may be empty)."""
+    return list(indices[rank::world_size])
+
+
+def resolve_bf16(setting: bool | str, *, cuda: bool, bf16_supported: bool) -> bool:
+    """auto: bf16 autocast only on a CUDA device that supports it (CPUs: fp32, bf16 is slow)."""
+    if setting == "auto":
+        return cuda and bf16_supported
+    return bool(setting)
+
+
+def scheduler_name(config: TrainingConfig) -> str:
+    return {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        config.schedule
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing of the anchor
+
+
+def checkpointed_anchor_layers(composition: Composition) -> list[nn.Module]:
+    """Anchor layers that autograd records: those above the lowest connected layer."""
+    lowest = min(a for a, _ in composition.pairs)
+    return list(decoder_layers(composition.anchor))[lowest + 1 :]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Recompute each layer's forward in backward instead of keeping its activations.
+
+    The layer's own ``forward`` is wrapped (not ``__call__``), so forward hooks, such as the
+    bridge's residual hooks, run outside the recomputed region: in backward the layer is
+    recomputed without the (by then removed) hooks, which is exactly what it computed in forward.
+    transformers' ``gradient_checkpointing_enable`` cannot be used: it only acts in training mode
+    and would put the hooks inside the recomputed region. Restored on exit.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for layer in layers:
+            original = layer.__dict__.get("forward")
+            forward = layer.forward
+
+            def run(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+                if torch.is_grad_enabled():
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+
+            layer.forward = run
+            patched.append((layer, original))
+        yield
+    finally:
+        for layer, original in patched:
+            if original is None:
+                del layer.forward
+            else:
+                layer.forward = original
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    return tensors, random.getstate()
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_state: Any) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint's trainer_state.json holds besides tensors."""
+
+    step: int = 0
+    micro_batches: int = 0  # global micro-batches consumed: the data position
+    elapsed_s: float = 0.0  # training time of earlier sessions
+    loss_sum: float = 0.0  # losses of steps since the last progress line
+    loss_steps: int = 0
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def _save_checkpoint(
+    output_dir: Path,
+    *,
+    bridge: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: RunState,
+    keep: int,
+) -> Path:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
+    rng_tensors, python_rng = _rng_state()
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / _BRIDGE_TENSORS))
+        torch.save(optimizer.state_dict(), folder / _OPTIMIZER)
+        (folder / _SCHEDULER).write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
+        save_file(rng_tensors, str(folder / _RNG))
+        record = {**state.__dict__, "python_rng": python_rng}
+        (folder / _STATE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    return progress.write_checkpoint(output_dir, state.step, write, keep=keep)
+
+
+def _load_checkpoint(
+    folder: Path, *, bridge: nn.Module, optimizer: Any, scheduler: Any, device: torch.device
+) -> RunState:
+    record = json.loads((folder / _STATE).read_text(encoding="utf-8"))
+    python_rng = record.pop("python_rng")
+    state = RunState(**record)
+    bridge.load_state_dict(load_file(str(folder / _BRIDGE_TENSORS), device=str(device)))
+    optimizer.load_state_dict(
+        torch.load(folder / _OPTIMIZER, map_location=device, weights_only=True)
+    )
+    scheduler.load_state_dict(json.loads((folder / _SCHEDULER).read_text(encoding="utf-8")))
+    _restore_rng(load_file(str(folder / _RNG)), python_rng)
+    return state
+
+
+def _check_resumable(saved: Mapping[str, Any], current: TrainingConfig, folder: Path) -> None:
+    for key in _RESUME_KEYS:
+        if key in saved and saved[key] != getattr(current, key):
+            raise ConfigError(
+                f"the checkpoint {folder} was made with training.{key}={saved[key]!r}, the recipe "
+                f"now says {getattr(current, key)!r}; resuming would not continue the same run. "
+                f"Set {key} back, or train into a new --output folder"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-scoped side effects
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path | None) -> Iterator[None]:
+    """Copy the library's log records (INFO and up) to ``path`` for the run's duration."""
+    if path is None:
+        yield
+        return
+    root = logging.getLogger("composer")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    previous_level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that ask for a clean stop; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.reason = signal.Signals(signum).name
+        logger.warning("%s received: stopping after this step", self.reason)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequest]:
+        previous = {}
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    previous[signum] = signal.signal(signum, self._handle)
+                except ValueError:  # not the main thread: signals stay with the caller
+                    break
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _out_of_memory_reason(config: TrainingConfig, step: int) -> str:
+    advice = [
+        f"lower training.batch_size (now {config.batch_size}; raise grad_accum to keep the "
+        "effective batch)",
+        f"lower training.max_length (now {config.max_length})",
+    ]
+    if not config.gradient_checkpointing:
+        advice.append("set training.gradient_checkpointing: true")
+    return f"out of memory at step {step + 1}: " + ", or ".join(advice)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _build_optimizer(
+    bridge: nn.Module, config: TrainingConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    decay = [p for p in bridge.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in bridge.parameters() if p.requires_grad and p.ndim < 2]  # norm gains
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name = config.optimizer
+    if name != "adamw" and device.type != "cuda":
+        logger.warning(
+            "training.optimizer %s needs a CUDA GPU (bitsandbytes); using adamw on %s instead",
+            name,
+            device,
+        )
+        name = "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=config.lr)
+
+
+def _recipe_and_base(
+    recipe: str | os.PathLike | Mapping[str, Any] | CompositionConfig,
+    recipe_dir: str | os.PathLike | None,
+) -> tuple[CompositionConfig, Path]:
+    if isinstance(recipe, CompositionConfig):
+        return recipe, Path(recipe_dir or Path.cwd())
+    if isinstance(recipe, Mapping):
+        return read_recipe(recipe), Path(recipe_dir or Path.cwd())
+    return read_recipe(recipe), Path(recipe_dir or Path(recipe).resolve().parent)
+
+
+def read_training_settings(
+    recipe: str | os.PathLike | Mapping[str, Any] | CompositionConfig,
+    *,
+    recipe_dir: str | os.PathLike | None = None,
+) -> tuple[CompositionConfig, TrainingConfig, DataConfig]:
+    """The recipe with its ``training`` and ``data`` sections validated.
+
+    Relative data paths resolve against the recipe file's folder (``recipe_dir`` when the recipe
+    is not a file, else the current folder).
+    """
+    config, base = _recipe_and_base(recipe, recipe_dir)
+    return (
+        config,
+        TrainingConfig.from_mapping(config.training),
+        DataConfig.from_mapping(config.data, base=base),
+    )
+
+
+def train(
+    recipe: str | os.PathLike | Mapping[str, Any] | CompositionConfig,
+    *,
+    output_dir: str | os.PathLike,
+    composition: Composition | None = None,
+    stop_file: str | os.PathLike | None = None,
+    recipe_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Train the recipe's bridge into ``output_dir``; return the finished bridge folder.
+
+    Resumes from the newest checkpoint in ``output_dir/checkpoints`` when there is one, and then
+    ends with the same bridge as an uninterrupted run. ``composition`` (already loaded) skips
+    loading the recipe's models. The run stops cleanly (checkpoint, status "stopped", raises
+    :class:`TrainingStopped`) when ``stop_file`` (default ``output_dir/STOP``) appears or on
+    SIGINT/SIGTERM. Bad settings or data raise ConfigError; running out of memory raises
+    :class:`TrainingFailed` naming what to lower. Any failure is recorded in status.json (one
+    line) and train.log (traceback).
+    """
+    from accelerate import Accelerator
+
+    config, training, data = read_training_settings(recipe, recipe_dir=recipe_dir)
+    output = Path(output_dir).resolve()
+    cuda = torch.cuda.is_available()
+    bf16 = resolve_bf16(
+        training.bf16, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+    )
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if bf16 else "no",
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not processes
+    )
+    main = accelerator.is_main_process
+    stop_path = Path(stop_file) if stop_file is not None else output / progress.STOP
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    run = _Run(accelerator, config, training, data, output, stop_path)
+    with _log_to_file(output / progress.LOG if main else None), _StopRequest().installed() as stop:
+        try:
+            return run.execute(composition, stop)
+        except TrainingStopped:
+            raise
+        except BaseException as exc:
+            if _is_out_of_memory(exc):
+                reason = _out_of_memory_reason(training, run.step)
+                failure: BaseException = TrainingFailed(reason)
+            else:
+                reason = str(exc) if isinstance(exc, ConfigError) else _one_line(exc)
+                failure = exc
+            if isinstance(exc, KeyboardInterrupt):
+                reason = "interrupted twice; run the same command again to resume from the last "
+                reason += "checkpoint"
+            elif not isinstance(failure, ConfigError):
+                reason += f"; see {output / progress.LOG} for the traceback"
+            logger.error("training failed: %s\n%s", reason, traceback.format_exc())
+            if main:
+                run.write_status("failed", reason=reason)
+            if failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            run.release()
+
+
+class _Run:
+    """One training session (a driver: all decisions are the pure functions above)."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        config: CompositionConfig,
+        training: TrainingConfig,
+        data: DataConfig,
+        output: Path,
+        stop_path: Path,
+    ) -> None:
+        self.accelerator = accelerator
+        self.config = config
+        self.training = training
+        self.data = data
+        self.output = output
+        self.stop_path = stop_path
+        self.main = accelerator.is_main_process
+        self.step = 0
+        self.max_steps: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.composition: Composition | None = None
+        self.model: Any = None
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        progress.write_status(
+            self.output,
+            state,
+            step=self.step,
+            max_steps=self.max_steps,
+            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            **fields,
+        )
+
+    def release(self) -> None:
+        """Undo accelerate's wrapping of a caller's composition and drop references."""
+        if self.model is not None:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        self.accelerator.free_memory()
+
+    def execute(self, composition: Composition | None, stop: _StopRequest) -> Path:
+        accelerator, training, data = self.accelerator, self.training, self.data
+        device = accelerator.device
+        if self.main:
+            self.write_status("running")
+        train_path = data.require_train()
+        if composition is None:
+            from composer.loading import load_composition
+
+            composition = load_composition(self.config, device=device, seed=training.seed)
+        self.composition = composition
+        tokenizer = composition.tokenizer
+        if tokenizer is None:
+            raise ConfigError(
+                "the composition has no tokenizer; compose it with tokenizer=... so the training "
+                "files can be tokenized"
+            )
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        split = load_dataset(
+            train_path,
+            tokenizer,
+            max_length=training.max_length,
+            eval_fraction=data.eval_fraction,
+            eval_path=data.eval,
+            seed=training.seed,
+        )
+        if data.format != "auto" and split.format != data.format:
+            raise ConfigError(
+                f"data.format is {data.format!r} but {train_path} holds {split.format} rows; "
+                f"set data.format to {split.format!r} or auto, or pick the right file"
+            )
+        stream = BatchStream(split.train, training.batch_size, training.seed)
+        max_steps = self.max_steps = training.total_steps(stream.batches_per_epoch)
+        bridge = composition.bridge
+        optimizer = _build_optimizer(bridge, training, device)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            scheduler_name(training),
+            optimizer,
+            num_warmup_steps=training.warmup_for(max_steps),
+            num_training_steps=max_steps,
+        )
+        self.model, optimizer, scheduler = accelerator.prepare(composition, optimizer, scheduler)
+        model = self.model
+
+        state = RunState(training=training.to_dict())
+        found = progress.latest_checkpoint(self.output)
+        if found is not None:
+            step, folder = found
+            saved = json.loads((folder / _STATE).read_text(encoding="utf-8"))
+            _check_resumable(saved.get("training", {}), training, folder)
+            state = _load_checkpoint(
+                folder, bridge=bridge, optimizer=optimizer, scheduler=scheduler, device=device
+            )
+            state.training = training.to_dict()
+            self.last_checkpoint = folder
+            logger.info("resuming from %s (step %d of %d)", folder, step, max_steps)
+            if self.main:
+                progress.truncate_progress(self.output, upto_step=state.step)
+        elif self.main:
+            (self.output / progress.PROGRESS).unlink(missing_ok=True)
+        self.step = state.step
+        if self.main:
+            self.stop_path.unlink(missing_ok=True)  # a stale request must not stop the new run
+            self.write_status("running")
+        accelerator.wait_for_everyone()
+
+        logger.info(
+            "training %s bridge parameters for %d steps: %d train / %d eval examples, "
+            "%d micro-batch(es) of %d per step, %d process(es), %s",
+            f"{sum(p.numel() for p in bridge.parameters()):,}",
+            max_steps,
+            len(split.train),
+            len(split.eval),
+            training.grad_accum,
+            training.batch_size,
+            accelerator.num_processes,
+            "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
+        )
+        checkpointing = (
+            gradient_checkpointing(checkpointed_anchor_layers(composition))
+            if training.gradient_checkpointing
+            else contextlib.nullcontext()
+        )
+        with checkpointing:
+            self._loop(model, optimizer, scheduler, stream, split, state, stop, pad_id)
+
+        if self.main:
+            bridge_dir = self.output / progress.BRIDGE
+            composition.save_bridge(str(bridge_dir))
+            self.write_status("finished", bridge=str(bridge_dir))
+        accelerator.wait_for_everyone()
+        logger.info("finished: bridge in %s", self.output / progress.BRIDGE)
+        return self.output / progress.BRIDGE
+
+    def _loop(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        stream: BatchStream,
+        split: Any,
+        state: RunState,
+        stop: _StopRequest,
+        pad_id: int,
+    ) -> None:
+        accelerator, training = self.accelerator, self.training
+        assert self.composition is not None and self.max_steps is not None
+        bridge, max_steps, device = self.composition.bridge, self.max_steps, accelerator.device
+        rank, world = accelerator.process_index, accelerator.num_processes
+        examples = stream.examples
+        params = [p for p in bridge.parameters() if p.requires_grad]
+        session_start, session_steps = time.perf_counter(), 0
+        window_start, window_tokens = time.perf_counter(), 0
+        model.train()
+        while state.step < max_steps:
+            if stop.requested or (self.main and self.stop_path.exists()):
+                accelerator.set_trigger()
+            if accelerator.check_trigger():
+                self._stop(bridge, optimizer, scheduler, state, session_start, stop)
+            micro = [
+                stream.micro_batch(state.micro_batches + k) for k in range(training.grad_accum)
+            ]
+            total_tokens = sum(loss_tokens(examples[i]) for batch in micro for i in batch)
+            window_tokens += sum(len(examples[i].input_ids) for batch in micro for i in batch)
+            local_sum = torch.zeros((), device=device)
+            for k, indices in enumerate(micro):
+                mine = shard(indices, rank=rank, world_size=world)
+                weight = 1.0
+                if not mine:  # every process must run backward for DDP; this one adds nothing
+                    mine, weight = indices[:1], 0.0
+                batch = collate([examples[i] for i in mine], pad_token_id=pad_id)
+                batch = {name: t.to(device) for name, t in batch.items()}
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                sync = k == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    out = model(**batch)
+                    token_sum = out.loss.float() * count * weight  # (), summed over loss tokens
+                    # DDP averages gradients over processes: scale so they add up instead.
+                    accelerator.backward(token_sum * world / max(total_tokens, 1))
+                local_sum += token_sum.detach()
+            if training.max_grad_norm:
+                accelerator.clip_grad_norm_(params, training.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = float(accelerator.reduce(local_sum, reduction="sum")) / max(total_tokens, 1)
+            state.step += 1
+            self.step = state.step
+            state.micro_batches += training.grad_accum
+            state.loss_sum += step_loss
+            state.loss_steps += 1
+            session_steps += 1
+
+            step = state.step
+            last = step == max_steps
+            evaluate = last or (training.eval_every and step % training.eval_every == 0)
+            eval_loss = self._evaluate(split.eval, pad_id) if evaluate and split.eval else None
+            if last or step % training.logging_every == 0 or eval_loss is not None:
+                now = time.perf_counter()
+                elapsed = state.elapsed_s + now - session_start
+                record = {
+                    "step": step,
+                    "max_steps": max_steps,
+                    "epoch": round(stream.epoch_at(state.micro_batches), 4),
+                    "loss": state.loss_sum / state.loss_steps,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
+                    "elapsed_s": round(elapsed, 3),
+                    "eta_s": round((max_steps - step) * (now - session_start) / session_steps, 3),
+                    "peak_memory_bytes": _peak_memory_bytes(device),
+                }
+                if eval_loss is not None:
+                    record["eval_loss"] = eval_loss
+                if self.main:
+                    progress.append_progress(self.output, record)
+                logger.info(
+                    "step %d/%d loss %.4f%s lr %.2e %.0f tok/s",
+                    step,
+                    max_steps,
+                    record["loss"],
+                    f" eval {eval_loss:.4f}" if eval_loss is not None else "",
+                    record["lr"],
+                    record["tokens_per_second"],
+                )
+                state.loss_sum, state.loss_steps = 0.0, 0
+                window_start, window_tokens = time.perf_counter(), 0
+            if last or step % training.save_every == 0:
+                self._checkpoint(bridge, optimizer, scheduler, state, session_start)
+
+    def _checkpoint(
+        self, bridge: nn.Module, optimizer: Any, scheduler: Any, state: RunState, start: float
+    ) -> Path:
+        saved = dataclasses.replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - start)
+        folder = self.output / progress.CHECKPOINTS / f"step-{state.step}"
+        if self.main:
+            folder = _save_checkpoint(
+                self.output,
+                bridge=bridge,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=saved,
+                keep=self.training.keep_checkpoints,
+            )
+            self.last_checkpoint = folder
+            self.write_status("running")
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = folder
+        return folder
+
+    def _stop(
+        self,
+        bridge: nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        state: RunState,
+        start: float,
+        stop: _StopRequest,
+    ) -> None:
+        why = stop.reason or f"{self.stop_path} found"
+        logger.warning("stopping at step %d (%s): writing a checkpoint", state.step, why)
+        if self.main:
+            self.write_status("stopping")
+        folder = self._checkpoint(bridge, optimizer, scheduler, state, start)
+        if self.main:
+            self.stop_path.unlink(missing_ok=True)
+            self.write_status("stopped", reason=f"stopped at step {state.step} ({why})")
+        raise TrainingStopped(state.step, folder)
+
+    @torch.no_grad()
+    def _evaluate(self, examples: Sequence[Example], pad_id: int) -> float:
+        """Mean loss per loss token over the eval set (each process scores its share)."""
+        accelerator = self.accelerator
+        assert self.composition is not None
+        composition = accelerator.unwrap_model(self.model)  # no DDP forward for no-grad passes
+        device = accelerator.device
+        batches = length_grouped_batches(
+            examples, batch_size=self.training.batch_size, seed=0, shuffle=False
+        )
+        totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, tokens)
+        composition.eval()
+        try:
+            mine = shard(
+                batches, rank=accelerator.process_index, world_size=accelerator.num_processes
+            )
+            for indices in mine:
+                batch = collate([examples[i] for i in indices], pad_token_id=pad_id)
+                batch = {name: t.to(device) for name, t in batch.items()}
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                totals[0] += float(composition(**batch).loss) * count
+                totals[1] += count
+        finally:
+            composition.train()
+        totals = accelerator.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1))
