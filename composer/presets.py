@@ -1,0 +1,173 @@
+"""Presets: one YAML recipe per one-click composition, in a folder such as ``presets/``.
+
+A preset is a composition recipe (the sections :class:`composer.config.CompositionConfig` reads)
+plus, optionally, ``default: true`` on the one the app opens with. Reading a preset validates it
+and makes its relative paths absolute against the preset file's folder, so the recipe can be
+copied anywhere (e.g. into a training run's folder) and still find its models and data.
+No torch import: listing presets is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from composer.config import CompositionConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated preset: its id (the file name without suffix), recipe, file and flags."""
+
+    id: str
+    config: CompositionConfig  # relative model and data paths already made absolute
+    path: Path
+    default: bool = False  # the preset the app opens with
+
+    @property
+    def title(self) -> str:
+        return self.config.name or self.id
+
+
+def _resolve_model(value: str, base: Path) -> str:
+    """A model path relative to ``base``, or the value unchanged when it is a hub id.
+
+    Relative values are resolved when they look like a path (``./x``, ``../x``, a ``.gguf``
+    file) or name something that exists beside the preset; ``owner/name`` stays a hub id.
+    """
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    candidate = base / path
+    looks_local = value.startswith(("./", "../")) or value.lower().endswith(".gguf")
+    if looks_local or candidate.exists():
+        return str(candidate.resolve())
+    return value
+
+
+def _resolve_file(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        return value  # left for validation to report
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_paths(recipe: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a parsed recipe with relative model, tokenizer and data paths made absolute."""
+    out = dict(recipe)
+    for role in ("anchor", "specialist"):
+        section = out.get(role)
+        if isinstance(section, str):
+            section = {"model": section}  # shorthand: `anchor: path/or/id`
+        if isinstance(section, Mapping):
+            section = dict(section)
+            for key in ("model", "tokenizer"):
+                if isinstance(section.get(key), str) and section[key].strip():
+                    section[key] = _resolve_model(section[key], base)
+            out[role] = section
+    data = out.get("data")
+    if isinstance(data, Mapping):
+        data = dict(data)
+        for key in ("train", "eval"):
+            if key in data and data[key] is not None:
+                data[key] = _resolve_file(data[key], base)
+        out["data"] = data
+    return out
+
+
+def parse_preset(
+    recipe: Mapping[str, Any], *, base: str | os.PathLike, preset_id: str = "preset"
+) -> tuple[CompositionConfig, bool]:
+    """Validate a parsed preset mapping; return (recipe config, default flag)."""
+    if not isinstance(recipe, Mapping):
+        raise ConfigError(
+            f"preset {preset_id!r} is a {type(recipe).__name__}; expected a mapping with "
+            "'anchor' and 'specialist' sections"
+        )
+    recipe = dict(recipe)
+    default = recipe.pop("default", False)
+    if not isinstance(default, bool):
+        raise ConfigError(f"preset {preset_id!r} has default: {default!r}; expected true or false")
+    try:
+        config = CompositionConfig.from_dict(resolve_paths(recipe, Path(base)))
+    except ConfigError as exc:
+        raise ConfigError(f"preset {preset_id!r}: {exc}") from None
+    return config, default
+
+
+def read_preset(path: str | os.PathLike) -> Preset:
+    """Read and validate one preset file; raises ConfigError naming the file and the problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset file {str(path)!r} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"preset {str(path)!r} is not valid YAML{line}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"could not read preset {str(path)!r} ({exc}); expected UTF-8") from None
+    if data is None:
+        raise ConfigError(f"preset {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    config, default = parse_preset(data, base=path.resolve().parent, preset_id=path.stem)
+    return Preset(id=path.stem, config=config, path=path.resolve(), default=default)
+
+
+def _preset_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+
+
+def scan_presets(folder: str | os.PathLike) -> tuple[list[Preset], list[str]]:
+    """Every valid preset in ``folder`` (sorted by id) and one message per invalid file.
+
+    A missing folder gives no presets and no problem. When several presets say
+    ``default: true``, the first by id stays the default and the others are reported.
+    """
+    presets, problems = [], []
+    for path in _preset_files(Path(folder)):
+        try:
+            presets.append(read_preset(path))
+        except ConfigError as exc:
+            logger.warning("skipped preset %s: %s", path, exc)
+            problems.append(str(exc))
+    defaults = [p for p in presets if p.default]
+    for extra in defaults[1:]:
+        problems.append(
+            f"presets {defaults[0].id!r} and {extra.id!r} both say default: true; "
+            f"{defaults[0].id!r} is used; keep the flag on one preset"
+        )
+    if len(defaults) > 1:
+        keep = defaults[0].id
+        presets = [
+            p if p.default is False or p.id == keep else Preset(p.id, p.config, p.path, False)
+            for p in presets
+        ]
+    return presets, problems
+
+
+def list_presets(folder: str | os.PathLike) -> list[tuple[str, CompositionConfig, Path]]:
+    """(id, validated recipe, file) for every preset in ``folder``, sorted by id.
+
+    Strict: the first invalid preset raises ConfigError naming it. Relative model and data
+    paths are absolute in the returned recipes (resolved against the preset file's folder).
+    """
+    presets = [read_preset(path) for path in _preset_files(Path(folder))]
+    return [(p.id, p.config, p.path) for p in presets]
+
+
+def default_preset(presets: Sequence[Preset]) -> Preset | None:
+    """The preset marked ``default: true`` (the first such), or None."""
+    return next((p for p in presets if p.default), None)

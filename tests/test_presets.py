@@ -1,0 +1,112 @@
+"""Presets: validated recipes read from a folder, paths resolved against the preset's folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from composer.config import ConfigError
+from composer.presets import default_preset, list_presets, read_preset, scan_presets
+
+
+def _write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+RECIPE = {
+    "name": "Pico pair",
+    "anchor": {"model": "models/anchor", "quantization": "nf4"},
+    "specialist": "./models/specialist.gguf",
+    "bridge": {"every": 2},
+    "training": {"max_steps": 5},
+    "data": {"train": "data/train.jsonl"},
+}
+
+
+def test_relative_paths_resolve_against_the_preset_folder(tmp_path):
+    (tmp_path / "presets" / "models" / "anchor").mkdir(parents=True)
+    path = _write(tmp_path / "presets" / "pico.yaml", {**RECIPE, "default": True})
+    preset = read_preset(path)
+    base = (tmp_path / "presets").resolve()
+    assert preset.id == "pico" and preset.default is True and preset.title == "Pico pair"
+    assert preset.config.anchor.model == str(base / "models" / "anchor")
+    assert preset.config.anchor.quantization == "nf4"
+    assert preset.config.specialist.model == str(base / "models" / "specialist.gguf")
+    assert preset.config.data["train"] == str(base / "data" / "train.jsonl")
+    assert preset.config.training["max_steps"] == 5
+
+
+def test_hub_ids_and_absolute_paths_stay_as_written(tmp_path):
+    recipe = {"anchor": "Qwen/Qwen2.5-0.5B", "specialist": {"model": str(tmp_path / "s")}}
+    preset = read_preset(_write(tmp_path / "hub.yaml", recipe))
+    assert preset.config.anchor.model == "Qwen/Qwen2.5-0.5B"
+    assert preset.config.specialist.model == str(tmp_path / "s")
+    assert preset.default is False
+
+
+def test_list_presets_is_sorted_and_strict(tmp_path):
+    _write(tmp_path / "b.yaml", RECIPE)
+    _write(tmp_path / "a.yml", RECIPE)
+    _write(tmp_path / "notes.txt", "not a preset")
+    assert [pid for pid, _, _ in list_presets(tmp_path)] == ["a", "b"]
+    _write(tmp_path / "c.yaml", {**RECIPE, "bridge": {"every": 0}})
+    with pytest.raises(ConfigError, match=r"preset 'c': bridge.every is 0"):
+        list_presets(tmp_path)
+
+
+def test_scan_skips_invalid_presets_and_reports_each(tmp_path):
+    _write(tmp_path / "good.yaml", {**RECIPE, "default": True})
+    _write(tmp_path / "typo.yaml", {**RECIPE, "anchr": {"model": "x"}})
+    _write(tmp_path / "broken.yaml", "anchor: [unclosed\n")
+    _write(tmp_path / "flag.yaml", {**RECIPE, "default": "yes"})
+    presets, problems = scan_presets(tmp_path)
+    assert [p.id for p in presets] == ["good"]
+    assert default_preset(presets).id == "good"
+    text = "\n".join(problems)
+    assert "unknown recipe section(s) ['anchr']" in text
+    assert "broken.yaml' is not valid YAML at line" in text
+    assert "default: 'yes'; expected true or false" in text
+
+
+def test_one_default_wins_when_several_claim_it(tmp_path):
+    _write(tmp_path / "a.yaml", {**RECIPE, "default": True})
+    _write(tmp_path / "b.yaml", {**RECIPE, "default": True})
+    presets, problems = scan_presets(tmp_path)
+    assert [p.id for p in presets if p.default] == ["a"]
+    assert "both say default: true" in problems[0]
+
+
+def test_no_default_and_no_folder_are_fine(tmp_path):
+    _write(tmp_path / "a.yaml", RECIPE)
+    presets, problems = scan_presets(tmp_path)
+    assert default_preset(presets) is None and problems == []
+    assert scan_presets(tmp_path / "missing") == ([], [])
+
+
+def test_empty_and_missing_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is empty"):
+        read_preset(_write(tmp_path / "e.yaml", ""))
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_preset(tmp_path / "nope.yaml")
+
+
+def test_shipped_presets_are_valid():
+    folder = Path(__file__).resolve().parents[1] / "presets"
+    presets = list_presets(folder)  # raises on the first invalid one
+    assert len({pid for pid, _, _ in presets}) == len(presets)
+
+
+def test_reading_presets_does_not_import_torch():
+    code = (
+        "import sys; from composer.presets import scan_presets; scan_presets('presets'); "
+        "print('torch' in sys.modules, 'gradio' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.stdout.split() == ["False", "False"], out.stderr
