@@ -78,6 +78,7 @@ def generate(
     streamer: Any = None,  # a transformers streamer (TextStreamer, TextIteratorStreamer, ...)
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    specialist_reads_prompt_only: bool = False,  # the paper's "specialist as encoder" ablation
 ) -> torch.Tensor:
     """Decode up to ``max_new_tokens``; returns only the new tokens, (B, new).
 
@@ -124,7 +125,11 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     state = composition.new_decode_state() if use_cache else None
-    logits = composition.step(input_ids, attention_mask, state=state, logits_to_keep=1)[:, -1]
+    # The bridge may read every token, or (ablation) only the prompt's.
+    readable = attention_mask.clone() if specialist_reads_prompt_only else None
+    logits = composition.step(
+        input_ids, attention_mask, state=state, logits_to_keep=1, specialist_mask=readable
+    )[:, -1]
     try:
         for step in range(max_new_tokens):
             scores = processors(sequence, logits.float())  # (B, V)
@@ -146,10 +151,18 @@ def generate(
             attention_mask = torch.cat(
                 [attention_mask, attention_mask.new_ones((len(done), 1))], dim=1
             )
+            if readable is not None:
+                readable = torch.cat([readable, readable.new_zeros((len(done), 1))], dim=1)
             if state is not None:
-                logits = composition.step(next_token[:, None], attention_mask, state=state)[:, -1]
+                new = next_token[:, None]
+                logits = composition.step(
+                    new, attention_mask, state=state, specialist_mask=readable
+                )
             else:
-                logits = composition.step(sequence, attention_mask, logits_to_keep=1)[:, -1]
+                logits = composition.step(
+                    sequence, attention_mask, logits_to_keep=1, specialist_mask=readable
+                )
+            logits = logits[:, -1]
     finally:
         if streamer is not None:
             streamer.end()

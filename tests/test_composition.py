@@ -250,3 +250,16 @@ def test_narrow_bridge_parameter_count():
     assert narrow.bridge.num_parameters() == n * (d_a * 16 + 2 * d_s * 16 + 16 * d_a + d_a + d_s)
     assert full.bridge.shape.num_parameters() == full.bridge.num_parameters()
     assert narrow.bridge.shape.num_parameters() == narrow.bridge.num_parameters()
+
+
+def test_specialist_as_encoder_reads_only_the_prompt(model_pair):
+    """The paper's ablation: cached == uncached, and it differs from full co-decoding."""
+    anchor, specialist = model_pair
+    composition = compose(anchor, specialist, bridge_config=BridgeConfig(every=2))
+    randomize_bridge(composition, scale=0.3)
+    ids = _ids(2, 6, seed=6)
+    kwargs = dict(max_new_tokens=16, eos_token_id=[], specialist_reads_prompt_only=True)
+    cached = composition.generate(ids, use_cache=True, **kwargs)
+    assert torch.equal(cached, composition.generate(ids, use_cache=False, **kwargs))
+    full = composition.generate(ids, max_new_tokens=16, eos_token_id=[])
+    assert not torch.equal(cached, full)

@@ -1,0 +1,146 @@
+"""The key-value arithmetic task of the CALM paper (Table 1), generated from a seed (pure).
+
+N keys (random lowercase strings of 2-6 characters) map to a random permutation of 1..N.
+Three datasets of (prompt, completion) pairs, all character-level:
+
+  NUM-MATH  "12+345="  -> "753"        arithmetic over numbers (the anchor's skill)
+  KV-SUBS   "ab+cde="  -> "12+345"     the keys' values written in (the specialist's skill)
+  KV-MATH   "ab+cde="  -> "753"        arithmetic over keys (needs both)
+
+Answers are written least significant digit first ("357" is written "753"): small transformers
+learn carries far faster that way, and exact match parses them back. The keys are split into
+held-in keys (the bridge's training data uses only these) and held-out keys (evaluation only).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+ALPHABET = string.ascii_lowercase + string.digits + "+-=\n"
+
+
+@dataclass(frozen=True)
+class KeyValueTask:
+    keys: tuple[str, ...]
+    values: tuple[int, ...]  # values[i] belongs to keys[i]
+    held_in: frozenset[str]  # keys the bridge may train on
+    operators: str = "+"
+    operands: tuple[int, ...] = (2,)  # how many operands an expression may have
+
+    @property
+    def mapping(self) -> dict[str, int]:
+        return dict(zip(self.keys, self.values, strict=True))
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        return tuple(k for k in self.keys if k not in self.held_in)
+
+
+def make_task(
+    *,
+    seed: int,
+    num_keys: int,
+    held_in_fraction: float = 0.2,
+    operators: str = "+",
+    operands: tuple[int, ...] = (2,),
+) -> KeyValueTask:
+    """Keys, a value permutation and the held-in split, all from ``seed``."""
+    rng = random.Random(seed)
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < num_keys:
+        key = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    values = list(range(1, num_keys + 1))
+    rng.shuffle(values)
+    held_in = frozenset(rng.sample(keys, round(held_in_fraction * num_keys)))
+    return KeyValueTask(tuple(keys), tuple(values), held_in, operators, tuple(operands))
+
+
+def write_number(n: int) -> str:
+    """Sign first, then digits least significant first: 357 -> '753', -40 -> '-04'."""
+    return ("-" if n < 0 else "") + str(abs(n))[::-1]
+
+
+def read_number(text: str) -> int | None:
+    text = text.strip()
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("-")
+    if not digits.isdigit():
+        return None
+    return sign * int(digits[::-1])
+
+
+def evaluate(operands: list[int], operators: list[str]) -> int:
+    total = operands[0]
+    for op, value in zip(operators, operands[1:], strict=True):
+        total = total + value if op == "+" else total - value
+    return total
+
+
+def _expression(rng: random.Random, task: KeyValueTask, pool: list[str]):
+    n = rng.choice(task.operands)
+    keys = [rng.choice(pool) for _ in range(n)]
+    ops = [rng.choice(task.operators) for _ in range(n - 1)]
+    return keys, ops
+
+
+def _join(items: list[str], ops: list[str]) -> str:
+    out = items[0]
+    for op, item in zip(ops, items[1:], strict=True):
+        out += op + item
+    return out
+
+
+def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[str, str]]:
+    """Arithmetic over numbers drawn from the value range (the anchor's training data)."""
+    rows = []
+    top = len(task.keys)
+    for _ in range(count):
+        n = rng.choice(task.operands)
+        numbers = [rng.randint(1, top) for _ in range(n)]
+        ops = [rng.choice(task.operators) for _ in range(n - 1)]
+        prompt = _join([str(x) for x in numbers], ops) + "="
+        rows.append({"prompt": prompt, "completion": write_number(evaluate(numbers, ops))})
+    return rows
+
+
+def kv_subs(
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
+) -> list[dict[str, str]]:
+    mapping = task.mapping
+    rows = []
+    for _ in range(count):
+        keys, ops = _expression(rng, task, pool)
+        rows.append(
+            {
+                "prompt": _join(keys, ops) + "=",
+                "completion": _join([str(mapping[k]) for k in keys], ops),
+            }
+        )
+    return rows
+
+
+def kv_math(
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
+) -> list[dict[str, str]]:
+    mapping = task.mapping
+    rows = []
+    for _ in range(count):
+        keys, ops = _expression(rng, task, pool)
+        rows.append(
+            {
+                "prompt": _join(keys, ops) + "=",
+                "completion": write_number(evaluate([mapping[k] for k in keys], ops)),
+            }
+        )
+    return rows
+
+
+def key_lines(task: KeyValueTask) -> list[dict[str, str]]:
+    """'key=value' rows: the plain map, which helps the specialist memorise it."""
+    return [{"prompt": f"{k}=", "completion": str(v)} for k, v in task.mapping.items()]

@@ -1,0 +1,87 @@
+"""Train the experiment's small anchor and specialist from scratch (plain next-token loss).
+
+These are the frozen models of the key-value experiment, not bridges: a short AdamW loop over
+freshly sampled rows (an endless stream, so nothing is memorised but the key-value map itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+
+from composer.data import collate, encode
+
+logger = logging.getLogger(__name__)
+
+Rows = list[dict[str, str]]
+
+
+def small_llama(*, vocab_size: int, width: int, layers: int, heads: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def batch_of(rows: Rows, tokenizer: Any, *, max_length: int = 64) -> dict[str, torch.Tensor]:
+    examples = [encode(r, "prompt_completion", tokenizer, max_length=max_length) for r in rows]
+    return collate(examples, pad_token_id=tokenizer.pad_token_id)
+
+
+def train_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sample: Callable[[random.Random, int], Rows],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 100,
+    on_log: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """AdamW with warmup + cosine decay; returns the logged losses."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps
+    )
+    losses, running, start = [], 0.0, time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = batch_of(sample(rng, batch_size), tokenizer)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.item()
+        if step % log_every == 0:
+            losses.append(running / log_every)
+            logger.info(
+                "step %d/%d loss %.4f (%.0fs)", step, steps, losses[-1], time.perf_counter() - start
+            )
+            if on_log is not None:
+                on_log(step, losses[-1])
+            running = 0.0
+    model.eval()
+    return losses
