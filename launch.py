@@ -1,28 +1,113 @@
 """Start the calm-composer app: `python launch.py [--host 127.0.0.1] [--port 7860]`.
 
-The browser app is not built yet (see the open issue "The app"); until it lands this prints
-how to use the library and the command line instead.
+Binds the loopback address unless ``--host`` says otherwise (with a warning), opens the browser
+unless ``--no-browser``, and takes the next free port when the requested one is taken. Heavy
+libraries (torch, transformers) load only when a model is first needed, so the page is up in a
+few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import socket
 import sys
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+PORT_TRIES = 20  # the requested port and the next 19
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(host: str, port: int, *, tries: int = PORT_TRIES) -> int:
+    """``port`` if free, else the next free one (saying so); SystemExit when none is."""
+    for candidate in range(port, port + tries):
+        if port_is_free(host, candidate):
+            if candidate != port:
+                print(f"calm-composer: port {port} is taken; using {candidate} instead")
+            return candidate
+    raise SystemExit(
+        f"calm-composer: ports {port}-{port + tries - 1} on {host} are all taken; "
+        "free one or pass --port"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Start the calm-composer app.")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the app "
+        "to your network, with a warning)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="default 7860, or the next free")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also create a public gradio.live link (off by default; anyone with it can use "
+        "the app)",
+    )
+    parser.add_argument("--presets", help="presets folder (default: presets/)")
+    parser.add_argument("--runs", help="training runs folder (default: runs/)")
+    parser.add_argument("--models", help="folder searched for local models (default: models/)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start the calm-composer app.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--no-browser", action="store_true")
-    parser.parse_args(argv)
-    print(
-        "calm-composer: the browser app is not built yet.\n"
-        "Use the command line meanwhile:\n"
-        "  .venv/bin/calm-composer info RECIPE.yaml\n"
-        "  .venv/bin/calm-composer generate RECIPE.yaml --bridge DIR --prompt TEXT\n"
-        "or the Python API (see README.md)."
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
+    if not is_loopback(args.host):
+        print(
+            f"calm-composer: WARNING: binding {args.host}: anyone who can reach this machine "
+            "can use the app, load files and start training. Use the default 127.0.0.1 unless "
+            "you mean it.",
+            file=sys.stderr,
+        )
+    if args.share:
+        print(
+            "calm-composer: WARNING: --share creates a public link; anyone with it can use the "
+            "app on this machine.",
+            file=sys.stderr,
+        )
+    port = choose_port(args.host, args.port)
+
+    from app.main import build_app  # imports gradio (a few seconds), not torch
+
+    demo = build_app(presets_dir=args.presets, runs_dir=args.runs, models_dir=args.models)
+    try:
+        demo.queue().launch(
+            server_name=args.host,
+            server_port=port,
+            inbrowser=not args.no_browser,
+            share=args.share,
+            show_error=True,
+            footer_links=["api", "gradio"],
+        )
+    finally:
+        demo.calm_session.close()
     return 0
 
 

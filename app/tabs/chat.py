@@ -1,0 +1,170 @@
+"""Chat tab: streaming replies with Stop and Regenerate, a system prompt, sampling settings,
+a bridge on/off switch, and a side-by-side comparison of anchor, specialist and composition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from app import handlers
+from app.session import Session
+from app.ui import MODEL_GROUP, guard
+from composer.config import ConfigError
+
+MODEL_EVENT = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+
+
+def build(session: Session) -> SimpleNamespace:
+    with gr.Row():
+        bridge = gr.Dropdown(
+            label="Bridge",
+            choices=handlers.bridge_choices(session),
+            value=handlers.NEW_BRIDGE,
+            allow_custom_value=True,
+            elem_id="chat-bridge",
+            scale=3,
+        )
+        refresh = gr.Button("Refresh", elem_id="refresh-bridges", scale=1)
+        load = gr.Button("Load models", variant="primary", elem_id="load-models", scale=1)
+    loaded = gr.Markdown(handlers.describe_loaded(session), elem_id="models-status")
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chatbot")
+            message = gr.Textbox(
+                label="Message", placeholder="Type and press Enter", elem_id="chat-input"
+            )
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-chat")
+                regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                clear = gr.Button("Clear", elem_id="clear-chat")
+        with gr.Column(scale=1):
+            system = gr.Textbox(label="System prompt", lines=3, elem_id="system-prompt")
+            bridge_on = gr.Checkbox(
+                label="Bridge on (off: the anchor alone)", value=True, elem_id="bridge-on"
+            )
+            max_new = gr.Slider(
+                1, 1024, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"
+            )
+            sample = gr.Checkbox(label="Sample (off: greedy)", value=False, elem_id="do-sample")
+            temperature = gr.Slider(
+                0.05, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
+            )
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
+            penalty = gr.Slider(
+                1.0,
+                2.0,
+                value=1.0,
+                step=0.05,
+                label="Repetition penalty",
+                elem_id="repetition-penalty",
+            )
+    with gr.Accordion("Compare: the same prompt, three ways", open=False):
+        compare = gr.Button("Compare (uses the message box)", elem_id="compare")
+        with gr.Row():
+            anchor_out = gr.Textbox(label="Anchor alone", lines=6, elem_id="compare-anchor")
+            specialist_out = gr.Textbox(
+                label="Specialist alone", lines=6, elem_id="compare-specialist"
+            )
+            composed_out = gr.Textbox(label="Composition", lines=6, elem_id="compare-composition")
+
+    settings = [system, max_new, sample, temperature, top_p, top_k, penalty, bridge_on]
+
+    def chat_settings(values: tuple[Any, ...]) -> handlers.ChatSettings:
+        system_prompt, max_new_tokens, do_sample, temp, p, k, rep, on = values
+        return handlers.ChatSettings(
+            system_prompt=system_prompt or "",
+            max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample),
+            temperature=float(temp),
+            top_p=float(p),
+            top_k=int(k),
+            repetition_penalty=float(rep),
+            bridge=bool(on),
+        )
+
+    def ensure_loaded(choice: str | None) -> None:
+        notice = handlers.training_notice(session)
+        if notice:
+            gr.Warning(notice)
+        if session.loaded is None:
+            gr.Info("loading the models first")
+            handlers.load_models(session, bridge=choice)
+
+    def respond(
+        history: list[dict[str, Any]] | None, text: str, choice: str | None, *values: Any
+    ) -> Iterator[tuple[list[dict[str, str]], str]]:
+        messages = handlers.flatten_history(history)
+        if not (text or "").strip():
+            raise ConfigError("type a message first")
+        messages.append({"role": "user", "content": text})
+        yield [*messages, {"role": "assistant", "content": ""}], ""
+        ensure_loaded(choice)
+        reply = ""
+        for reply in handlers.stream_reply(session, messages, chat_settings(values)):
+            yield [*messages, {"role": "assistant", "content": reply}], ""
+        yield [*messages, {"role": "assistant", "content": reply}], ""
+
+    def again(
+        history: list[dict[str, Any]] | None, choice: str | None, *values: Any
+    ) -> Iterator[list[dict[str, str]]]:
+        messages = handlers.flatten_history(history)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            raise ConfigError("nothing to regenerate yet; send a message first")
+        ensure_loaded(choice)
+        reply = ""
+        for reply in handlers.stream_reply(session, messages, chat_settings(values)):
+            yield [*messages, {"role": "assistant", "content": reply}]
+        yield [*messages, {"role": "assistant", "content": reply}]
+
+    def side_by_side(text: str, choice: str | None, *values: Any) -> Iterator[tuple[str, str, str]]:
+        if not (text or "").strip():
+            raise ConfigError("type a message first")
+        ensure_loaded(choice)
+        config = chat_settings(values)
+        messages = [{"role": "user", "content": text}]
+        answers = ["", "", ""]
+        for k, model in enumerate(("anchor", "specialist", "composition")):
+            for answers[k] in handlers.stream_reply(session, messages, config, model=model):
+                yield tuple(answers)
+        yield tuple(answers)
+
+    def load_models(choice: str | None) -> str:
+        return handlers.load_models(session, bridge=choice)
+
+    chat_inputs = [chatbot, message, bridge, *settings]
+    send.click(guard(respond), chat_inputs, [chatbot, message], api_name="chat", **MODEL_EVENT)
+    message.submit(
+        guard(respond), chat_inputs, [chatbot, message], api_name="chat_on_submit", **MODEL_EVENT
+    )
+    regenerate.click(
+        guard(again), [chatbot, bridge, *settings], chatbot, api_name="regenerate", **MODEL_EVENT
+    )
+    compare.click(
+        guard(side_by_side),
+        [message, bridge, *settings],
+        [anchor_out, specialist_out, composed_out],
+        api_name="compare",
+        **MODEL_EVENT,
+    )
+    stop.click(lambda: handlers.stop_reply(session), None, None, api_name="stop_chat", queue=False)
+    clear.click(lambda: [], None, chatbot, api_name="clear_chat", queue=False)
+    load.click(guard(load_models), bridge, loaded, api_name="load_models", **MODEL_EVENT)
+
+    def refresh_bridges(choice: str | None) -> Any:
+        choices = handlers.bridge_choices(session)
+        values = {value for _, value in choices}
+        return gr.Dropdown(
+            choices=choices, value=choice if choice in values else handlers.NEW_BRIDGE
+        )
+
+    refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
+    return SimpleNamespace(
+        bridge=bridge, loaded=loaded, refresh_bridges=guard(refresh_bridges), chatbot=chatbot
+    )

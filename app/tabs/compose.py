@@ -1,0 +1,205 @@
+"""Compose tab: a preset or two models, quantisation, bridge shape; compatibility before loading."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from app import handlers
+from app.session import Session
+from app.ui import guard
+
+PAIR_HEADERS = ["block", "anchor layer", "specialist layer"]
+
+
+def build(session: Session) -> SimpleNamespace:
+    """Components of the Compose tab (events that reach other tabs are wired in app.main)."""
+    with gr.Row():
+        preset = gr.Dropdown(
+            label="Preset (one click fills every tab)",
+            choices=handlers.preset_choices(session),
+            value=None,
+            elem_id="preset-dropdown",
+            scale=3,
+        )
+        reload_presets = gr.Button("Reload presets", elem_id="reload-presets", scale=1)
+    preset_info = gr.Markdown(elem_id="preset-info")
+    with gr.Row():
+        with gr.Column():
+            anchor = gr.Textbox(
+                label="Anchor (large, general): hub id, folder or .gguf file",
+                elem_id="anchor-model",
+            )
+            anchor_quant = gr.Dropdown(
+                label="Anchor quantisation",
+                choices=list(handlers.QUANTIZATIONS),
+                value="none",
+                elem_id="anchor-quant",
+            )
+        with gr.Column():
+            specialist = gr.Textbox(
+                label="Specialist (small, domain): hub id, folder or .gguf file",
+                elem_id="specialist-model",
+            )
+            specialist_quant = gr.Dropdown(
+                label="Specialist quantisation",
+                choices=list(handlers.QUANTIZATIONS),
+                value="none",
+                elem_id="specialist-quant",
+            )
+    with gr.Accordion("Models found on this machine", open=False):
+        with gr.Row():
+            found = gr.Dropdown(
+                label="models folder and Hugging Face cache",
+                choices=[],
+                allow_custom_value=True,
+                elem_id="found-models",
+                scale=3,
+            )
+            refresh_models = gr.Button("Refresh", elem_id="refresh-models", scale=1)
+        with gr.Row():
+            use_anchor = gr.Button("Use as anchor", elem_id="use-anchor")
+            use_specialist = gr.Button("Use as specialist", elem_id="use-specialist")
+    with gr.Row():
+        every = gr.Number(
+            label="Bridge: one block per N specialist layers",
+            value=4,
+            precision=0,
+            minimum=1,
+            elem_id="bridge-every",
+        )
+        num_heads = gr.Number(
+            label="Heads (0: the anchor's)", value=0, precision=0, minimum=0, elem_id="bridge-heads"
+        )
+        head_dim = gr.Number(
+            label="Head size (0: width / heads)",
+            value=0,
+            precision=0,
+            minimum=0,
+            elem_id="bridge-head-dim",
+        )
+        project = gr.Checkbox(
+            label="Project specialist states to the anchor width (paper)",
+            value=True,
+            elem_id="bridge-project",
+        )
+    check = gr.Button("Check pair (nothing is loaded)", variant="primary", elem_id="check-pair")
+    with gr.Row():
+        with gr.Column(scale=3):
+            report = gr.Markdown(elem_id="pair-report")
+        with gr.Column(scale=2):
+            picture = gr.HTML(elem_id="pair-svg")
+            pairs = gr.Dataframe(
+                headers=PAIR_HEADERS,
+                label="Layer pairs (0-based)",
+                interactive=False,
+                elem_id="pair-table",
+            )
+
+    model_fields = [
+        anchor,
+        specialist,
+        anchor_quant,
+        specialist_quant,
+        every,
+        num_heads,
+        head_dim,
+        project,
+    ]
+
+    def set_models(*values: Any) -> None:
+        handlers.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
+
+    gr.on(
+        [component.input for component in model_fields],
+        guard(set_models),
+        model_fields,
+        None,
+        api_name="set_models",
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
+
+    def list_models() -> Any:
+        return gr.Dropdown(choices=handlers.list_local_models(session.models_dir))
+
+    refresh_models.click(guard(list_models), None, found, api_name="list_models")
+    use_anchor.click(lambda m: m, found, anchor, api_name="use_as_anchor").then(
+        guard(set_models), model_fields, None, api_name="set_models_after_anchor"
+    )
+    use_specialist.click(lambda m: m, found, specialist, api_name="use_as_specialist").then(
+        guard(set_models), model_fields, None, api_name="set_models_after_specialist"
+    )
+
+    def check_pair(*values: Any) -> tuple[str, list[list[int]], str]:
+        handlers.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
+        return show_report()
+
+    def show_report() -> tuple[str, list[list[int]], str]:
+        result = handlers.check_pair(session)
+        rows = [[k, a, s] for k, (a, s) in enumerate(result.pairs)]
+        return handlers.report_markdown(result), rows, handlers.pairing_svg(result)
+
+    check.click(guard(check_pair), model_fields, [report, pairs, picture], api_name="check_pair")
+
+    def reload() -> Any:
+        session.reload_presets()
+        for problem in session.preset_problems:
+            gr.Warning(problem)
+        return gr.Dropdown(choices=handlers.preset_choices(session))
+
+    reload_presets.click(guard(reload), None, preset, api_name="reload_presets")
+    return SimpleNamespace(
+        preset=preset,
+        preset_info=preset_info,
+        model_fields=model_fields,
+        found=found,
+        report=report,
+        pairs=pairs,
+        picture=picture,
+        show_report=guard(show_report),
+        list_models=guard(list_models),
+    )
+
+
+MODEL_KEYS = (
+    "anchor",
+    "specialist",
+    "anchor_quantization",
+    "specialist_quantization",
+    "every",
+    "num_heads",
+    "head_dim",
+    "project_specialist",
+)
+
+
+def model_values(recipe: dict[str, Any]) -> list[Any]:
+    """The models form's values for a recipe, in ``MODEL_KEYS`` order."""
+    anchor, specialist = recipe.get("anchor") or {}, recipe.get("specialist") or {}
+    bridge = recipe.get("bridge") or {}
+    return [
+        anchor.get("model", ""),
+        specialist.get("model", ""),
+        anchor.get("quantization", "none"),
+        specialist.get("quantization", "none"),
+        bridge.get("every", 4),
+        bridge.get("num_heads") or 0,
+        bridge.get("head_dim") or 0,
+        bridge.get("project_specialist", True),
+    ]
+
+
+def preset_markdown(session: Session) -> str:
+    preset = session.preset(session.preset_id) if session.preset_id else None
+    if preset is None:
+        return "" if session.recipe else "No preset selected: choose one, or two models below."
+    config = preset.config
+    lines = [f"### {preset.title}"]
+    if config.description:
+        lines.append(config.description)
+    if config.expect:
+        lines.append(f"*Expect:* {config.expect}")
+    return "\n\n".join(lines)

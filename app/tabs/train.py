@@ -1,0 +1,187 @@
+"""Train tab: hyperparameters, Start / Stop / Resume, and a live view of the run's files.
+
+Training is the separate `calm-composer train` process; this tab only writes the recipe, starts
+the process and tails what it writes (a timer), so a refreshed page or a second tab reconnects.
+"""
+
+from __future__ import annotations
+
+import html
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app import handlers
+from app.session import Session
+from app.ui import guard
+
+HYPERPARAMETERS = (  # (key, label, precision: 0 = whole number, None = float)
+    ("max_steps", "Steps", 0),
+    ("batch_size", "Batch size", 0),
+    ("grad_accum", "Gradient accumulation", 0),
+    ("lr", "Learning rate", None),
+    ("max_length", "Max tokens per example", 0),
+    ("eval_fraction", "Eval share of the data", None),
+    ("logging_every", "Log every N steps", 0),
+    ("eval_every", "Eval every N steps (0: at the end)", 0),
+    ("save_every", "Checkpoint every N steps", 0),
+    ("seed", "Seed", 0),
+)
+ACTIVE = ("starting", "running", "stopping")
+
+
+def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
+    fields = []
+    with gr.Accordion("Hyperparameters (the preset's defaults)", open=True):
+        with gr.Row():
+            for key, label, precision in HYPERPARAMETERS:
+                fields.append(
+                    gr.Number(
+                        label=label,
+                        precision=precision,
+                        elem_id=f"hp-{key.replace('_', '-')}",
+                        min_width=120,
+                    )
+                )
+    with gr.Row():
+        run_name = gr.Textbox(label="New run name (empty: automatic)", elem_id="run-name", scale=2)
+        start = gr.Button("Start", variant="primary", elem_id="start-training", scale=1)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-training", scale=1)
+        resume = gr.Button("Resume", elem_id="resume-training", scale=1)
+    with gr.Row():
+        run = gr.Dropdown(
+            label="Run (folder under runs/)",
+            choices=handlers.list_runs(session),
+            allow_custom_value=True,
+            elem_id="run-select",
+            scale=3,
+        )
+        refresh = gr.Button("Refresh runs", elem_id="refresh-runs", scale=1)
+    bar = gr.HTML(progress_html(handlers.RunView(name="", state="none")), elem_id="train-progress")
+    state = gr.Textbox(label="Status", interactive=False, elem_id="train-status", lines=2)
+    stats = gr.Markdown(elem_id="train-stats")
+    plot = gr.LinePlot(
+        value=_frame([]),
+        x="step",
+        y="loss",
+        color="series",
+        title="Loss",
+        label="Loss",
+        height=280,
+        elem_id="loss-plot",
+    )
+    log = gr.Textbox(
+        label="Log (tail)", lines=10, max_lines=10, interactive=False, elem_id="train-log"
+    )
+    timer = gr.Timer(poll_seconds)
+
+    def poll(name: str | None) -> tuple[Any, ...]:
+        view = handlers.run_view(session, name)
+        return (
+            progress_html(view),
+            status_text(view),
+            stats_markdown(view),
+            _frame(handlers.loss_series(view.records)),
+            view.log_tail,
+        )
+
+    view_outputs = [bar, state, stats, plot, log]
+    timer.tick(
+        guard(poll),
+        run,
+        view_outputs,
+        api_name="poll_run",
+        show_progress="hidden",
+        concurrency_limit=None,
+        concurrency_id="poll",
+    )
+    run.change(guard(poll), run, view_outputs, api_name="show_run", show_progress="hidden")
+
+    def start_run(name: str, *values: Any) -> Any:
+        hyper = {key: v for (key, _, _), v in zip(HYPERPARAMETERS, values, strict=True)}
+        started = handlers.start_training(session, run_name=name, hyperparameters=hyper)
+        gr.Info(f"run {started} started: loading the models")
+        return gr.Dropdown(choices=handlers.list_runs(session), value=started)
+
+    start.click(guard(start_run), [run_name, *fields], run, api_name="start_training")
+
+    def stop_run(name: str) -> str:
+        handlers.stop_training(session, name)
+        return f"stopping {name}: it writes a checkpoint at the end of this step"
+
+    stop.click(guard(stop_run), run, state, api_name="stop_training")
+
+    def resume_run(name: str) -> Any:
+        handlers.resume_training(session, name)
+        gr.Info(f"run {name} resumes from its last checkpoint")
+        return gr.Dropdown(choices=handlers.list_runs(session), value=name)
+
+    resume.click(guard(resume_run), run, run, api_name="resume_training")
+
+    def refresh_runs(name: str | None) -> Any:
+        runs = handlers.list_runs(session)
+        return gr.Dropdown(choices=runs, value=name if name in runs else (runs or [None])[0])
+
+    refresh.click(guard(refresh_runs), run, run, api_name="refresh_runs")
+    return SimpleNamespace(fields=fields, run=run, run_name=run_name)
+
+
+def hyperparameter_values(session: Session) -> list[Any]:
+    defaults = handlers.training_defaults(session)
+    return [defaults.get(key) for key, _, _ in HYPERPARAMETERS]
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def progress_html(view: handlers.RunView) -> str:
+    percent = 100 * view.fraction
+    total = view.max_steps or "?"
+    eta = handlers.format_duration(view.eta_s) if view.state in ACTIVE else "—"
+    label = (
+        f"step {view.step} / {total} · {percent:.0f}% · ETA {eta}"
+        if view.state != "none"
+        else "no run selected"
+    )
+    return (
+        f'<div class="calm-progress" data-state="{html.escape(view.state)}" '
+        f'data-step="{view.step}">'
+        f'<progress id="train-progress-bar" max="100" value="{percent:.1f}" '
+        f'style="width:100%;height:18px"></progress>'
+        f'<div id="train-progress-label">{html.escape(label)}</div></div>'
+    )
+
+
+def status_text(view: handlers.RunView) -> str:
+    if view.state == "none":
+        return view.reason or "no run selected: start one, or pick an earlier run"
+    text = f"{view.name}: {view.state}"
+    if view.state == "starting":
+        text += " (loading the models and the data)"
+    if view.reason:
+        text += f"\n{view.reason}"
+    if view.bridge:
+        text += f"\nbridge: {view.bridge} (choose it in the Chat tab)"
+    return text
+
+
+def stats_markdown(view: handlers.RunView) -> str:
+    if not view.records:
+        return ""
+    last = view.records[-1]
+    tps = f"{view.tokens_per_second:,.0f}" if view.tokens_per_second else "—"
+    parts = [
+        f"loss **{last.get('loss', float('nan')):.4f}**",
+        f"epoch {last.get('epoch', 0):.2f}",
+        f"lr {last.get('lr', 0):.2e}",
+        f"{tps} tokens/s",
+        f"peak memory {handlers.format_bytes(view.peak_memory_bytes)}",
+        f"elapsed {handlers.format_duration(view.elapsed_s)}",
+    ]
+    evals = [r["eval_loss"] for r in view.records if "eval_loss" in r]
+    if evals:
+        parts.insert(1, f"eval loss {evals[-1]:.4f}")
+    return " · ".join(parts)
