@@ -237,7 +237,15 @@ def _load_checkpoint(
     record = json.loads((folder / _STATE).read_text(encoding="utf-8"))
     python_rng = record.pop("python_rng")
     state = RunState(**record)
-    bridge.load_state_dict(load_file(str(folder / _BRIDGE_TENSORS), device=str(device)))
+    tensors = load_file(str(folder / _BRIDGE_TENSORS), device=str(device))
+    expected = {k: tuple(v.shape) for k, v in bridge.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
+        raise ConfigError(
+            f"the checkpoint {folder} holds a bridge of another shape than this recipe's (were "
+            "the models or the bridge settings changed?); train into a new --output folder, or "
+            "restore the recipe it was made with"
+        )
+    bridge.load_state_dict(tensors)
     optimizer.load_state_dict(
         torch.load(folder / _OPTIMIZER, map_location=device, weights_only=True)
     )
@@ -254,6 +262,13 @@ def _check_resumable(saved: Mapping[str, Any], current: TrainingConfig, folder: 
                 f"now says {getattr(current, key)!r}; resuming would not continue the same run. "
                 f"Set {key} back, or train into a new --output folder"
             )
+    changed = [
+        f"{key} {saved[key]!r} -> {value!r}"
+        for key, value in current.to_dict().items()
+        if key in saved and saved[key] != value
+    ]
+    if changed:
+        logger.warning("settings changed since %s: %s", folder.name, ", ".join(changed))
 
 
 # ---------------------------------------------------------------------------------------------
