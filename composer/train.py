@@ -349,6 +349,26 @@ def _out_of_memory_reason(config: TrainingConfig, step: int) -> str:
     return f"out of memory at step {step + 1}: " + ", or ".join(advice)
 
 
+def _refuse_a_live_run(output: Path) -> None:
+    """Two runs writing one folder would interleave checkpoints: refuse while another is alive."""
+    status = progress.read_status(output) or {}
+    pid = status.get("pid")
+    if status.get("state") not in ("running", "stopping") or not isinstance(pid, int):
+        return
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # it died (e.g. killed): this run resumes from its last checkpoint
+    except PermissionError:
+        pass  # alive, owned by someone else
+    raise ConfigError(
+        f"another training run (pid {pid}) is still writing to {output}; stop it first "
+        f"(create {output / progress.STOP}) or train into another --output folder"
+    )
+
+
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -444,6 +464,7 @@ def train(
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not processes
     )
     main = accelerator.is_main_process
+    _refuse_a_live_run(output)
     stop_path = Path(stop_file) if stop_file is not None else output / progress.STOP
     if main:
         output.mkdir(parents=True, exist_ok=True)

@@ -464,3 +464,35 @@ def test_plan_scales_sensibly(models, tmp_path):
     assert parts["bridge + grads + optimizer"] == 39_136 * 16  # fp32 weights, grads, 2 moments
     lines = plan(read_recipe(yaml.safe_load(_recipe(models, tmp_path).read_text()))).format()
     assert any(line.startswith("fits in ") for line in lines)
+
+
+def test_a_given_composition_is_trained_in_place(models, tmp_path):
+    from composer.loading import load_composition
+
+    recipe = _recipe(models, tmp_path, max_steps=3, optimizer="adamw_8bit")
+    composition = load_composition(recipe, seed=0)
+    before = {k: v.clone() for k, v in composition.bridge.state_dict().items()}
+    bridge = train(recipe, output_dir=tmp_path / "out", composition=composition)
+    after = {k: v.detach() for k, v in composition.bridge.state_dict().items()}
+    _assert_close(_bridge(bridge), after, atol=0)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the 8-bit optimizers need CUDA: on a CPU the run says so and uses adamw
+    assert (
+        torch.cuda.is_available() or "using adamw" in (tmp_path / "out" / progress.LOG).read_text()
+    )
+
+
+def test_declared_format_must_match_the_file(models, tmp_path):
+    recipe = _recipe(models, tmp_path, data={"train": "train.jsonl", "format": "messages"})
+    with pytest.raises(ConfigError, match="holds text rows; set data.format to 'text'"):
+        train(recipe, output_dir=tmp_path / "out")
+
+
+def test_a_live_run_in_the_same_folder_is_refused(models, tmp_path):
+    output = tmp_path / "out"
+    progress.write_status(output, "running")
+    status = json.loads((output / progress.STATUS).read_text())
+    status["pid"] = os.getppid()  # a process that is alive and is not this one
+    (output / progress.STATUS).write_text(json.dumps(status))
+    with pytest.raises(ConfigError, match=f"another training run \\(pid {os.getppid()}\\)"):
+        train(_recipe(models, tmp_path), output_dir=output)
