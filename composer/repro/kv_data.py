@@ -3,12 +3,13 @@
 N keys (random lowercase strings of 2-6 characters) map to a random permutation of 1..N.
 Three datasets of (prompt, completion) pairs, all character-level:
 
-  NUM-MATH  "12+345="  -> "753"        arithmetic over numbers (the anchor's skill)
-  KV-SUBS   "ab+cde="  -> "12+345"     the keys' values written in (the specialist's skill)
-  KV-MATH   "ab+cde="  -> "753"        arithmetic over keys (needs both)
+  NUM-MATH  "012+345="  -> "753"       arithmetic over numbers (the anchor's skill)
+  KV-SUBS   "ab+cde="   -> "012+345"   the keys' values written in (the specialist's skill)
+  KV-MATH   "ab+cde="   -> "753"       arithmetic over keys (needs both)
 
-Answers are written least significant digit first ("357" is written "753"): small transformers
-learn carries far faster that way, and exact match parses them back. The keys are split into
+Operands are written at a fixed width ("012+345="; the width of N) so a digit's place is
+always at the same offset, and answers least significant digit first ("357" is written "753"):
+small transformers learn carries far faster that way, and exact match parses them back. The keys are split into
 held-in keys (the bridge's training data uses only these) and held-out keys (evaluation only).
 """
 
@@ -32,6 +33,14 @@ class KeyValueTask:
     @property
     def mapping(self) -> dict[str, int]:
         return dict(zip(self.keys, self.values, strict=True))
+
+    @property
+    def width(self) -> int:
+        """Digits of the largest value: every operand is written at this width."""
+        return len(str(len(self.keys)))
+
+    def operand(self, value: int) -> str:
+        return str(value).zfill(self.width)
 
     @property
     def held_out(self) -> tuple[str, ...]:
@@ -104,7 +113,7 @@ def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[st
         n = rng.choice(task.operands)
         numbers = [rng.randint(1, top) for _ in range(n)]
         ops = [rng.choice(task.operators) for _ in range(n - 1)]
-        prompt = _join([str(x) for x in numbers], ops) + "="
+        prompt = _join([task.operand(x) for x in numbers], ops) + "="
         rows.append({"prompt": prompt, "completion": write_number(evaluate(numbers, ops))})
     return rows
 
@@ -119,7 +128,7 @@ def kv_subs(
         rows.append(
             {
                 "prompt": _join(keys, ops) + "=",
-                "completion": _join([str(mapping[k]) for k in keys], ops),
+                "completion": _join([task.operand(mapping[k]) for k in keys], ops),
             }
         )
     return rows
@@ -143,4 +152,4 @@ def kv_math(
 
 def key_lines(task: KeyValueTask) -> list[dict[str, str]]:
     """'key=value' rows: the plain map, which helps the specialist memorise it."""
-    return [{"prompt": f"{k}=", "completion": str(v)} for k, v in task.mapping.items()]
+    return [{"prompt": f"{k}=", "completion": task.operand(v)} for k, v in task.mapping.items()]
