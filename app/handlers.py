@@ -453,6 +453,7 @@ def start_training(session: Session, *, run_name: str, hyperparameters: Mapping[
     from composer.training_config import DataConfig, TrainingConfig
 
     name = _check_run_name(run_name or new_run_name(session))
+    current_recipe(session)  # both models chosen
     busy = _busy_run(session)
     if busy is not None:
         raise ConfigError(
