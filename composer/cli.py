@@ -103,6 +103,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from composer.train import TrainingStopped, train
+
+    try:
+        bridge = train(args.recipe, output_dir=args.output)
+    except TrainingStopped as stopped:
+        print(f"calm-composer: stopped: {stopped}; run the same command again to resume")
+        return 0
+    print(f"calm-composer: finished: bridge saved to {bridge}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from composer.memory import plan
+
+    print("\n".join(plan(args.recipe).format()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm-composer",
@@ -132,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, help="sampling seed")
     generate.add_argument("--no-bridge", action="store_true", help="the anchor alone, to compare")
     generate.set_defaults(run=_generate)
+
+    train = commands.add_parser(
+        "train", help="train the recipe's bridge; resumes from DIR's last checkpoint"
+    )
+    train.add_argument("recipe", help="composition recipe (.yaml) with training and data")
+    train.add_argument("--output", required=True, help="run folder, e.g. runs/my-bridge")
+    train.set_defaults(run=_train)
+
+    plan = commands.add_parser("plan", help="estimate training memory before loading anything")
+    plan.add_argument("recipe", help="composition recipe (.yaml)")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -91,3 +91,40 @@ def test_user_errors_are_one_line_and_exit_2(recipe, tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a bridge folder" in result.stderr
+
+
+def test_plan_and_train_commands(recipe, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)}) for i in range(12))
+    )
+    config = yaml.safe_load(recipe.read_text())
+    config["training"] = {"max_steps": 3, "batch_size": 4, "logging_every": 1, "save_every": 2}
+    config["data"] = {"train": str(data)}
+    trainable = tmp_path / "recipe.yaml"
+    trainable.write_text(yaml.safe_dump(config))
+
+    assert main(["plan", str(trainable)]) == 0
+    assert "GiB" in capsys.readouterr().out
+
+    assert main(["train", str(trainable), "--output", str(tmp_path / "run")]) == 0
+    assert "bridge saved to" in capsys.readouterr().out
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "finished"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "progress.jsonl").open()]
+    assert steps == [1, 2, 3]
+    assert (
+        main(
+            [
+                "generate",
+                str(trainable),
+                "--bridge",
+                str(tmp_path / "run" / "bridge"),
+                "--prompt",
+                "3+3=",
+            ]
+        )
+        == 0
+    )
