@@ -496,3 +496,28 @@ def test_a_live_run_in_the_same_folder_is_refused(models, tmp_path):
     (output / progress.STATUS).write_text(json.dumps(status))
     with pytest.raises(ConfigError, match=f"another training run \\(pid {os.getppid()}\\)"):
         train(_recipe(models, tmp_path), output_dir=output)
+
+
+def test_sigterm_to_a_training_process_checkpoints_and_exits_cleanly(models, tmp_path):
+    recipe = _recipe(models, tmp_path)
+    output = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, str(HELPER), str(recipe), str(output), "--slow", "0.15"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (output / "checkpoints" / "step-5").is_dir():
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 3  # the helper's code for TrainingStopped
+    finally:
+        if job.poll() is None:
+            job.kill()
+    status = progress.read_status(output)
+    assert status["state"] == "stopped" and "SIGTERM" in status["reason"]
+    assert Path(status["last_checkpoint"]) == output / "checkpoints" / f"step-{status['step']}"
+    assert Path(status["last_checkpoint"]).is_dir() and status["step"] < STEPS
