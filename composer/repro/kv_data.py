@@ -3,13 +3,14 @@
 N keys (random lowercase strings of 2-6 characters) map to a random permutation of 1..N.
 Three datasets of (prompt, completion) pairs, all character-level:
 
-  NUM-MATH  "012+345="  -> "753"       arithmetic over numbers (the anchor's skill)
-  KV-SUBS   "ab+cde="   -> "012+345"   the keys' values written in (the specialist's skill)
-  KV-MATH   "ab+cde="   -> "753"       arithmetic over keys (needs both)
+  NUM-MATH  "210+543="  -> "7530"      arithmetic over numbers (the anchor's skill)
+  KV-SUBS   "ab+cde="   -> "210+543"   the keys' values written in (the specialist's skill)
+  KV-MATH   "ab+cde="   -> "7530"      arithmetic over keys (needs both)
 
-Operands are written at a fixed width ("012+345="; the width of N) so a digit's place is
-always at the same offset, and answers least significant digit first ("357" is written "753"):
-small transformers learn carries far faster that way, and exact match parses them back. The keys are split into
+Every number is written little-endian at a fixed width: least significant digit first, padded
+with zeros to the width of N (operands) or one more digit (answers), so 12 + 345 = 357 reads
+"210+543=7530". A digit's place is then always at the same offset and carries flow in reading
+order, which small transformers learn far faster; exact match parses the numbers back. The keys are split into
 held-in keys (the bridge's training data uses only these) and held-out keys (evaluation only).
 """
 
@@ -40,7 +41,11 @@ class KeyValueTask:
         return len(str(len(self.keys)))
 
     def operand(self, value: int) -> str:
-        return str(value).zfill(self.width)
+        return str(value).zfill(self.width)[::-1]
+
+    def answer(self, value: int) -> str:
+        """Sign first, then width + 1 digits little-endian: 357 -> '7530', -40 -> '-0400'."""
+        return ("-" if value < 0 else "") + str(abs(value)).zfill(self.width + 1)[::-1]
 
     @property
     def held_out(self) -> tuple[str, ...]:
@@ -68,11 +73,6 @@ def make_task(
     rng.shuffle(values)
     held_in = frozenset(rng.sample(keys, round(held_in_fraction * num_keys)))
     return KeyValueTask(tuple(keys), tuple(values), held_in, operators, tuple(operands))
-
-
-def write_number(n: int) -> str:
-    """Sign first, then digits least significant first: 357 -> '753', -40 -> '-04'."""
-    return ("-" if n < 0 else "") + str(abs(n))[::-1]
 
 
 def read_number(text: str) -> int | None:
@@ -114,7 +114,7 @@ def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[st
         numbers = [rng.randint(1, top) for _ in range(n)]
         ops = [rng.choice(task.operators) for _ in range(n - 1)]
         prompt = _join([task.operand(x) for x in numbers], ops) + "="
-        rows.append({"prompt": prompt, "completion": write_number(evaluate(numbers, ops))})
+        rows.append({"prompt": prompt, "completion": task.answer(evaluate(numbers, ops))})
     return rows
 
 
@@ -144,7 +144,7 @@ def kv_math(
         rows.append(
             {
                 "prompt": _join(keys, ops) + "=",
-                "completion": write_number(evaluate([mapping[k] for k in keys], ops)),
+                "completion": task.answer(evaluate([mapping[k] for k in keys], ops)),
             }
         )
     return rows
