@@ -248,7 +248,33 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> CompositionCon
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML{line}; fix the file") from None
     if data is None:
         raise ConfigError(f"recipe {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    if isinstance(data, Mapping):
+        data = resolve_model_paths(data, base=path.parent)
     return CompositionConfig.from_dict(data)
+
+
+def resolve_model_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
+    """A copy of ``recipe`` whose relative model/tokenizer paths that exist beside it are absolute.
+
+    A recipe file names its models relative to its own folder (as a preset does); names that are
+    not files or folders there (hub ids such as ``Qwen/Qwen2.5-0.5B``) are left as they are.
+    """
+    out = dict(recipe)
+    for role in ("anchor", "specialist"):
+        section = out.get(role)
+        if isinstance(section, str):
+            section = {"model": section}
+        if not isinstance(section, Mapping):
+            continue
+        section = dict(section)
+        for key in ("model", "tokenizer"):
+            value = section.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                candidate = base / value
+                if candidate.exists():
+                    section[key] = str(candidate.resolve())
+        out[role] = section
+    return out
 
 
 def _plain(value: Any) -> Any:

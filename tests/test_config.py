@@ -152,3 +152,12 @@ def test_import_composer_does_not_load_gradio_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_recipe_model_paths_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "models" / "small").mkdir(parents=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("anchor: {model: models/small}\nspecialist: org/hub-model\n")
+    config = read_recipe(recipe)
+    assert config.anchor.model == str((tmp_path / "models" / "small").resolve())
+    assert config.specialist.model == "org/hub-model"  # not a path beside the recipe: a hub id
