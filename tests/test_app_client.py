@@ -10,7 +10,7 @@ import pytest
 from app.handlers import flatten_history
 from app.main import build_app
 from composer.pairing import default_pairs
-from tests.test_app_support import BAD_ROW, free_port, make_pico_preset, train_command
+from tests.test_app_support import BAD_ROW, free_port, make_pico_preset
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -23,7 +23,6 @@ def app(tmp_path_factory):
         presets_dir=presets,
         runs_dir=root / "runs",
         models_dir=presets / "models",
-        train_command=train_command(),
         poll_seconds=0.5,
     )
     demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)

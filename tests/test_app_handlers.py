@@ -16,7 +16,7 @@ from app import handlers
 from app.session import Session
 from composer.config import ConfigError
 from composer.pairing import default_pairs
-from tests.test_app_support import BAD_ROW, make_pico_preset, train_command
+from tests.test_app_support import BAD_ROW, make_pico_preset
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,6 @@ def session(presets, tmp_path) -> Session:
         presets_dir=presets,
         runs_dir=tmp_path / "runs",
         models_dir=presets / "models",
-        train_command=train_command(),
     )
 
 

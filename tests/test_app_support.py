@@ -1,5 +1,4 @@
-"""Shared builders for the app tests (no tests here): a pico preset folder, a free port, and the
-training command to use.
+"""Shared builders for the app tests (no tests here): a pico preset folder and a free port.
 
 The preset is what the app's default preset is at CPU size: two pico models with the character
 tokenizer (saved as real folders), a small prompt/completion JSONL file with one bad row, and a
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import sys
 from pathlib import Path
 
 import yaml
@@ -69,24 +67,3 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def train_command() -> list[str] | None:
-    """None (the app's default `calm-composer train`) when the CLI has the command; else the
-    same call through composer.train directly, with the same arguments."""
-    from composer.cli import build_parser
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command")
-    if "train" in commands.choices:
-        return None
-    script = (
-        "import logging, sys\n"
-        "logging.basicConfig(level=logging.INFO)\n"
-        "from composer.train import TrainingStopped, train\n"
-        "try:\n"
-        "    train(sys.argv[1], output_dir=sys.argv[3])\n"
-        "except TrainingStopped:\n"
-        "    sys.exit(3)\n"
-    )
-    return [sys.executable, "-c", script]

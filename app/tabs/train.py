@@ -63,13 +63,15 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
     state = gr.Textbox(label="Status", interactive=False, elem_id="train-status", lines=2)
     stats = gr.Markdown(elem_id="train-stats")
     plot = gr.LinePlot(
-        value=_frame([]),
+        value=None,
         x="step",
         y="loss",
         color="series",
-        title="Loss",
-        label="Loss",
-        height=280,
+        label="Loss (raw, smoothed, eval)",
+        x_title="step",
+        y_title="loss per token",
+        color_map={"raw": "#9aa5b1", "smoothed": "#e07b00", "eval": "#2563eb"},
+        height=340,
         elem_id="loss-plot",
     )
     log = gr.Textbox(
@@ -133,8 +135,18 @@ def hyperparameter_values(session: Session) -> list[Any]:
     return [defaults.get(key) for key, _, _ in HYPERPARAMETERS]
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """The plot's data; None (not an empty frame) before the first point: a plot that started
+    from an empty frame never draws its lines (gradio 6)."""
+    if not rows:
+        return None
+    return pd.DataFrame(
+        {
+            "step": pd.Series([r["step"] for r in rows], dtype="int64"),
+            "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
+            "series": pd.Series([r["series"] for r in rows], dtype="object"),
+        }
+    )
 
 
 def progress_html(view: handlers.RunView) -> str:
