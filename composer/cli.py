@@ -122,6 +122,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro_kv(args: argparse.Namespace) -> int:
+    from composer.repro.kv import run, settings_from
+
+    settings = settings_from(
+        seed=args.seed,
+        num_keys=args.keys,
+        bridge_steps=args.bridge_steps,
+        eval_rows=args.eval_rows,
+        threads=args.threads,
+        variants=tuple(args.variants.split(",")) if args.variants else None,
+    )
+    results = run(settings, args.output)
+    from composer.repro.kv import markdown
+
+    print(markdown(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm-composer",
@@ -162,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="estimate training memory before loading anything")
     plan.add_argument("recipe", help="composition recipe (.yaml)")
     plan.set_defaults(run=_plan)
+
+    repro = commands.add_parser("repro", help="reproduce a paper experiment at CPU size")
+    experiments = repro.add_subparsers(dest="experiment", required=True)
+    kv = experiments.add_parser("kv", help="key-value arithmetic (the paper's Table 1)")
+    kv.add_argument("--seed", type=int, default=0)
+    kv.add_argument("--keys", type=int, help="number of keys (default 500)")
+    kv.add_argument("--output", required=True, help="folder for models, runs and results")
+    kv.add_argument("--bridge-steps", type=int, help="bridge training steps per variant")
+    kv.add_argument("--eval-rows", type=int, help="held-out expressions per dataset")
+    kv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    kv.add_argument(
+        "--variants",
+        help="comma-separated subset of subs,math,random_specialist,no_mask,lora",
+    )
+    kv.set_defaults(run=_repro_kv)
     return parser
 
 

@@ -1,0 +1,423 @@
+"""`calm-composer repro kv`: the paper's key-value arithmetic experiment (Table 1) at CPU size.
+
+From the seed alone: build the task, train (or reuse shipped copies of) the small anchor and
+specialist as Hugging Face folders with one shared character tokenizer, train bridges on held-in
+keys with the training engine (``composer.train``), and score exact match by greedy
+co-decoding on held-out keys. Writes ``DIR/results.json`` and ``DIR/results.md``.
+
+Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe):
+  specialist / anchor      each model alone
+  CALM (KV-SUBS data)      bridge trained on held-in KV-SUBS + 20% NUM-MATH
+  CALM (KV-MATH data)      bridge trained on held-in KV-MATH + 20% NUM-MATH
+  random specialist        CALM (KV-SUBS data) with an untrained specialist of the same shape
+  no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
+  LoRA                     LoRA on the anchor with about as many parameters, same data
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.repro import kv_data as kv
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parents[2] / "presets" / "models"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    width: int
+    layers: int
+    steps: int  # pretraining steps (fresh rows every step)
+    batch_size: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """CPU-sized defaults: the whole run fits a 2-core CPU (see docs/REPRODUCTION.md)."""
+
+    seed: int = 0
+    num_keys: int = 500  # hundreds of held-in keys: few keys make the bridge memorise, not read
+    held_in_fraction: float = 0.2  # the paper's 20% of keys for composition training
+    operators: str = "+"
+    operands: tuple[int, ...] = (2,)
+    anchor: ModelSize = ModelSize(width=192, layers=6, steps=3000, batch_size=64, lr=2e-3)
+    specialist: ModelSize = ModelSize(width=128, layers=4, steps=3000, batch_size=128, lr=3e-3)
+    bridge_pairs: tuple[tuple[int, int], ...] = ((0, 1), (1, 3), (2, 3), (3, 3))
+    bridge_heads: int = 4
+    bridge_head_dim: int = 32
+    bridge_steps: int = 600
+    bridge_batch_size: int = 64
+    bridge_lr: float = 1e-3
+    num_math_share: float = 0.2  # keeps the anchor's arithmetic while the bridge trains
+    train_rows: int = 20000
+    eval_rows: int = 200
+    variants: tuple[str, ...] = ("subs", "math", "random_specialist", "no_mask", "lora")
+    threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class Results:
+    settings: dict[str, Any]
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> row -> acc
+    train_loss: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def make_tokenizer():  # noqa: ANN201
+    from composer.chartok import build_char_tokenizer
+
+    return build_char_tokenizer(kv.ALPHABET, chat_template=False)
+
+
+def _meta(task: kv.KeyValueTask, settings: KVSettings, role: str) -> dict[str, Any]:
+    size = settings.anchor if role == "anchor" else settings.specialist
+    meta: dict[str, Any] = {"role": role, "num_keys": settings.num_keys, **asdict(size)}
+    meta.update(operators=settings.operators, operands=list(settings.operands))
+    if role == "specialist":  # the specialist memorises this seed's key map; the anchor does not
+        meta["seed"] = settings.seed
+    return meta
+
+
+def _specialist_rows(task: kv.KeyValueTask) -> Callable[[random.Random, int], list[dict]]:
+    lines, keys = kv.key_lines(task), list(task.keys)
+
+    def sample(rng: random.Random, n: int) -> list[dict]:
+        return rng.sample(lines, n // 2) + kv.kv_subs(rng, task, n - n // 2, keys)
+
+    return sample
+
+
+def prepare_model(
+    role: str, task: kv.KeyValueTask, settings: KVSettings, out: Path, *, shipped: Path = SHIPPED
+) -> Path:
+    """A folder with the trained model: shipped copy when it matches, else trained now."""
+    from composer.repro.pretrain import small_llama, train_lm
+
+    meta = _meta(task, settings, role)
+    for candidate in (out, shipped / f"kv-{role}"):
+        meta_file = candidate / "kv_meta.json"
+        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+            logger.info("using the %s in %s", role, candidate)
+            return candidate
+    size = settings.anchor if role == "anchor" else settings.specialist
+    tokenizer = make_tokenizer()
+    model = small_llama(
+        vocab_size=len(tokenizer),
+        width=size.width,
+        layers=size.layers,
+        heads=max(1, size.width // 64),
+        seed=settings.seed if role == "specialist" else 0,
+    )
+    if role == "anchor":
+
+        def sample(rng: random.Random, n: int) -> list[dict]:
+            return kv.num_math(rng, task, n)
+    else:
+        sample = _specialist_rows(task)
+    logger.info("training the %s (%d steps)", role, size.steps)
+    train_lm(
+        model,
+        tokenizer,
+        sample,
+        steps=size.steps,
+        batch_size=size.batch_size,
+        lr=size.lr,
+        seed=settings.seed,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "kv_meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def bridge_rows(
+    task: kv.KeyValueTask, variant: str, *, count: int, num_math_share: float, seed: int
+) -> list[dict[str, str]]:
+    """Composition data: held-in keys only, plus a share of NUM-MATH (pure)."""
+    rng = random.Random(seed)
+    held_in = sorted(task.held_in)
+    n_math = round(count * num_math_share)
+    make = kv.kv_math if variant == "math" else kv.kv_subs
+    rows = make(rng, task, count - n_math, held_in) + kv.num_math(rng, task, n_math)
+    rng.shuffle(rows)
+    return rows
+
+
+def exact_match(
+    generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    rows: list[dict[str, str]],
+    *,
+    batch_size: int = 100,
+) -> float:
+    """Share of rows whose greedy completion equals the expected one exactly."""
+    tokenizer.padding_side = "left"
+    hits = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = tokenizer(
+            [tokenizer.bos_token + r["prompt"] for r in chunk], return_tensors="pt", padding=True
+        )
+        with torch.no_grad():
+            out = generate(enc.input_ids, enc.attention_mask)
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        hits += sum(t.strip() == r["completion"] for t, r in zip(texts, chunk, strict=True))
+    return hits / len(rows)
+
+
+def eval_sets(task: kv.KeyValueTask, settings: KVSettings) -> dict[str, list[dict[str, str]]]:
+    rng = random.Random(10_000 + settings.seed)
+    held_out = list(task.held_out)
+    return {
+        "KV-SUBS": kv.kv_subs(rng, task, settings.eval_rows, held_out),
+        "NUM-MATH": kv.num_math(rng, task, settings.eval_rows),
+        "KV-MATH": kv.kv_math(rng, task, settings.eval_rows, held_out),
+    }
+
+
+def _max_new(rows: list[dict[str, str]]) -> int:
+    return max(len(r["completion"]) for r in rows) + 1
+
+
+def _score(generate_for: Callable[[int], Callable], tokenizer: Any, sets: dict) -> dict[str, float]:
+    return {
+        name: exact_match(generate_for(_max_new(rows)), tokenizer, rows)
+        for name, rows in sets.items()
+    }
+
+
+def _hf_generator(model: torch.nn.Module) -> Callable[[int], Callable]:
+    def for_length(n: int) -> Callable:
+        def generate(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=2,
+                pad_token_id=0,
+            )
+            return out[:, ids.shape[1] :]
+
+        return generate
+
+    return for_length
+
+
+def _composition_generator(composition: Any) -> Callable[[int], Callable]:
+    def for_length(n: int) -> Callable:
+        def generate(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return composition.generate(
+                ids, attention_mask=mask, max_new_tokens=n, eos_token_id=2, pad_token_id=0
+            )
+
+        return generate
+
+    return for_length
+
+
+def _recipe(
+    settings: KVSettings, anchor: Path, specialist: Path, data: Path, *, causal: bool = True
+) -> dict[str, Any]:
+    return {
+        "name": "kv-arithmetic",
+        "anchor": {"model": str(anchor)},
+        "specialist": {"model": str(specialist)},
+        "bridge": {
+            "pairs": [list(p) for p in settings.bridge_pairs],
+            "num_heads": settings.bridge_heads,
+            "head_dim": settings.bridge_head_dim,
+            "causal": causal,
+        },
+        "training": {
+            "max_steps": settings.bridge_steps,
+            "batch_size": settings.bridge_batch_size,
+            "lr": settings.bridge_lr,
+            "max_length": 64,
+            "logging_every": 50,
+            "save_every": settings.bridge_steps,
+            "seed": settings.seed,
+        },
+        "data": {"train": str(data)},
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _train_calm(recipe: dict, out: Path) -> tuple[Any, float]:
+    """Train a bridge with the engine; return the loaded composition and its last train loss."""
+    from composer.loading import load_composition
+    from composer.progress import read_progress
+    from composer.train import train
+
+    bridge = train(recipe, output_dir=out)
+    losses = [r["loss"] for r in read_progress(out) if r.get("loss") is not None]
+    return load_composition(recipe, bridge=bridge, device="cpu"), losses[-1]
+
+
+def _train_lora(settings: KVSettings, anchor_dir: Path, rows: list[dict], target: int) -> Any:
+    """LoRA on the anchor with about ``target`` trainable parameters, same rows and steps."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from composer.repro.pretrain import batch_of
+
+    model = AutoModelForCausalLM.from_pretrained(anchor_dir)
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    per_rank = layers * 4 * (2 * d)  # q, k, v, o: each adds r * (d_in + d_out)
+    rank = max(1, round(target / per_rank))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+    )
+    tokenizer = make_tokenizer()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.bridge_lr
+    )
+    rng = random.Random(settings.seed)
+    model.train()
+    for _ in range(settings.bridge_steps):
+        batch = batch_of(rng.sample(rows, settings.bridge_batch_size), tokenizer)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+def run(settings: KVSettings, output: str | Path) -> Results:
+    """The whole experiment; every number in the table comes from this call."""
+    from composer.loading import load_composition
+    from composer.repro.pretrain import small_llama
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    output = Path(output)
+    task = kv.make_task(
+        seed=settings.seed,
+        num_keys=settings.num_keys,
+        held_in_fraction=settings.held_in_fraction,
+        operators=settings.operators,
+        operands=settings.operands,
+    )
+    results = Results(settings=json.loads(json.dumps(asdict(settings))))
+    clock = time.perf_counter()
+    anchor_dir = prepare_model("anchor", task, settings, output / "models" / "anchor")
+    specialist_dir = prepare_model("specialist", task, settings, output / "models" / "specialist")
+    results.seconds["models"] = time.perf_counter() - clock
+    tokenizer = make_tokenizer()
+    sets = eval_sets(task, settings)
+
+    base = load_composition(
+        {
+            "anchor": str(anchor_dir),
+            "specialist": str(specialist_dir),
+            "bridge": {"pairs": [list(p) for p in settings.bridge_pairs]},
+        },
+        device="cpu",
+    )
+    results.accuracy["specialist"] = _score(_hf_generator(base.specialist), tokenizer, sets)
+    results.accuracy["anchor"] = _score(_hf_generator(base.anchor), tokenizer, sets)
+
+    for variant in settings.variants:
+        clock = time.perf_counter()
+        data_variant = "math" if variant == "math" else "subs"
+        rows = bridge_rows(
+            task,
+            data_variant,
+            count=settings.train_rows,
+            num_math_share=settings.num_math_share,
+            seed=settings.seed,
+        )
+        data = _write_jsonl(output / "data" / f"bridge-{data_variant}.jsonl", rows)
+        if variant == "lora":
+            target = load_composition(
+                _recipe(settings, anchor_dir, specialist_dir, data), device="cpu"
+            ).bridge.num_parameters()
+            model = _train_lora(settings, anchor_dir, rows, target)
+            results.accuracy["LoRA"] = _score(_hf_generator(model), tokenizer, sets)
+            results.seconds["LoRA"] = time.perf_counter() - clock
+            continue
+        specialist = specialist_dir
+        if variant == "random_specialist":
+            specialist = output / "models" / "random-specialist"
+            if not (specialist / "config.json").is_file():
+                size = settings.specialist
+                small_llama(
+                    vocab_size=len(tokenizer),
+                    width=size.width,
+                    layers=size.layers,
+                    heads=max(1, size.width // 64),
+                    seed=settings.seed + 1,
+                ).save_pretrained(specialist)
+                tokenizer.save_pretrained(specialist)
+        recipe = _recipe(settings, anchor_dir, specialist, data, causal=variant != "no_mask")
+        run_dir = output / "runs" / variant
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        composition, loss = _train_calm(recipe, run_dir)
+        column = {
+            "subs": "CALM (KV-SUBS data)",
+            "math": "CALM (KV-MATH data)",
+            "random_specialist": "random specialist",
+            "no_mask": "no causal mask",
+        }[variant]
+        results.accuracy[column] = _score(_composition_generator(composition), tokenizer, sets)
+        results.train_loss[column] = loss
+        results.seconds[column] = time.perf_counter() - clock
+        logger.info("%s: %s", column, results.accuracy[column])
+    (output / "results.json").write_text(json.dumps(asdict(results), indent=2))
+    (output / "results.md").write_text(markdown(results))
+    return results
+
+
+PAPER = {  # Table 1 of the paper: specialist / anchor / CALM, exact match %
+    "KV-SUBS": (98.1, 0.0, 92.9),
+    "NUM-MATH": (4.2, 73.7, 72.0),
+    "KV-MATH": (0.7, 0.0, 84.3),
+}
+
+
+def markdown(results: Results) -> str:
+    columns = list(results.accuracy)
+    lines = [
+        "| dataset (held-out keys) | " + " | ".join(columns) + " | paper: spec. / anchor / CALM |",
+        "| --- |" + " ---: |" * (len(columns) + 1),
+    ]
+    for row in ("KV-SUBS", "NUM-MATH", "KV-MATH"):
+        cells = [f"{100 * results.accuracy[c][row]:.1f}" for c in columns]
+        paper = " / ".join(f"{x:.1f}" for x in PAPER[row])
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {paper} |")
+    if results.train_loss:
+        lines += [
+            "",
+            "Final training loss per token: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in results.train_loss.items()),
+        ]
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.seconds.items())]
+    return "\n".join(lines) + "\n"
+
+
+def settings_from(**overrides: Any) -> KVSettings:
+    """Defaults with command-line overrides (None means: keep the default)."""
+    return replace(KVSettings(), **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,74 @@
+"""The key-value experiment: its data (pure) and the harness end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+from composer.repro import kv_data as kv
+from composer.repro.kv import KVSettings, ModelSize, bridge_rows, run
+
+
+def test_task_is_a_seeded_permutation_with_a_held_in_split():
+    task = kv.make_task(seed=3, num_keys=100)
+    assert task == kv.make_task(seed=3, num_keys=100)
+    assert task != kv.make_task(seed=4, num_keys=100)
+    assert sorted(task.values) == list(range(1, 101))
+    assert len(set(task.keys)) == 100 and all(2 <= len(k) <= 6 for k in task.keys)
+    assert len(task.held_in) == 20 and not set(task.held_out) & task.held_in
+
+
+def test_rows_mean_what_they_say():
+    task = kv.make_task(seed=0, num_keys=500)
+    mapping, rng = task.mapping, random.Random(0)
+    for row in kv.kv_math(rng, task, 50, list(task.keys)):
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert kv.read_number(row["completion"]) == mapping[a] + mapping[b]
+    for row in kv.num_math(rng, task, 50):
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert kv.read_number(row["completion"]) == kv.read_number(a) + kv.read_number(b)
+    for row in kv.kv_subs(rng, task, 50, list(task.keys)):
+        keys, values = row["prompt"].rstrip("=").split("+"), row["completion"].split("+")
+        assert [kv.read_number(v) for v in values] == [mapping[k] for k in keys]
+    assert task.answer(357) == "7530" and task.operand(12) == "210"
+
+
+def test_bridge_data_uses_only_held_in_keys():
+    task = kv.make_task(seed=0, num_keys=200)
+    rows = bridge_rows(task, "subs", count=500, num_math_share=0.2, seed=0)
+    keys = [k for r in rows if not r["prompt"][0].isdigit() for k in r["prompt"][:-1].split("+")]
+    assert keys and set(keys) <= task.held_in
+    assert sum(r["prompt"][0].isdigit() for r in rows) == 100  # the NUM-MATH share
+
+
+def test_harness_runs_end_to_end_at_toy_size(tmp_path):
+    tiny = ModelSize(width=32, layers=2, steps=5, batch_size=8, lr=1e-3)
+    settings = replace(
+        KVSettings(),
+        num_keys=30,
+        anchor=tiny,
+        specialist=tiny,
+        bridge_pairs=((0, 1), (1, 1)),
+        bridge_heads=2,
+        bridge_head_dim=8,
+        bridge_steps=2,
+        bridge_batch_size=4,
+        train_rows=40,
+        eval_rows=4,
+        variants=("subs", "no_mask", "lora"),
+    )
+    results = run(settings, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["accuracy"]) == {
+        "specialist",
+        "anchor",
+        "CALM (KV-SUBS data)",
+        "no causal mask",
+        "LoRA",
+    }
+    assert all(0.0 <= v <= 1.0 for col in saved["accuracy"].values() for v in col.values())
+    assert "| KV-MATH |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "models" / "anchor" / "kv_meta.json").is_file()
+    again = run(settings, tmp_path)  # the trained models are reused, not retrained
+    assert again.seconds["models"] < results.seconds["models"] or again.seconds["models"] < 2
