@@ -13,7 +13,8 @@ from typing import Any
 
 import gradio as gr
 
-from app import handlers
+from app.handlers import bridges, recipe, runs
+from app.handlers.chat import NEW_BRIDGE, describe_loaded
 from app.session import Session
 from app.tabs import chat, compose, data, export, train
 from app.ui import guard
@@ -68,17 +69,17 @@ def build_app(
         ]
 
         def recipe_values() -> list[Any]:
-            recipe = session.recipe
+            current = session.recipe
             return [
                 compose.preset_markdown(session),
-                *compose.model_values(recipe),
+                *compose.model_values(current),
                 *train.hyperparameter_values(session),
-                (recipe.get("data") or {}).get("train", ""),
+                (current.get("data") or {}).get("train", ""),
             ]
 
         def apply_preset(preset_id: str | None) -> list[Any]:
             if preset_id:
-                handlers.apply_preset(session, preset_id)
+                recipe.apply_preset(session, preset_id)
             return recipe_values()
 
         def check_if_ready() -> tuple[Any, ...]:
@@ -103,16 +104,14 @@ def build_app(
         def on_load() -> list[Any]:
             for problem in session.preset_problems:
                 gr.Warning(problem)
-            runs = handlers.list_runs(session)
-            run = session.current_run if session.current_run in runs else _active_run(session)
+            names = runs.list_runs(session)
+            run = session.current_run if session.current_run in names else _active_run(session)
             return [
-                gr.Dropdown(choices=handlers.preset_choices(session), value=session.preset_id),
+                gr.Dropdown(choices=recipe.preset_choices(session), value=session.preset_id),
                 *recipe_values(),
-                gr.Dropdown(choices=runs, value=run),
-                handlers.describe_loaded(session),
-                gr.Dropdown(
-                    choices=handlers.bridge_choices(session), value=_loaded_bridge(session)
-                ),
+                gr.Dropdown(choices=names, value=run),
+                describe_loaded(session),
+                gr.Dropdown(choices=bridges.bridge_choices(session), value=_loaded_bridge(session)),
             ]
 
         demo.load(
@@ -136,18 +135,18 @@ def build_app(
 
 
 def _has_models(session: Session) -> bool:
-    recipe = session.recipe
-    return all((recipe.get(role) or {}).get("model") for role in ("anchor", "specialist"))
+    current = session.recipe
+    return all((current.get(role) or {}).get("model") for role in ("anchor", "specialist"))
 
 
 def _active_run(session: Session) -> str | None:
     """The newest run whose process is alive (a refresh or a second tab reconnects to it)."""
-    runs = handlers.list_runs(session)
-    for name in runs:
-        if handlers.run_view(session, name, log_lines=0).state in train.ACTIVE:
+    names = runs.list_runs(session)
+    for name in names:
+        if runs.run_view(session, name, log_lines=0).state in train.ACTIVE:
             return name
-    return runs[0] if runs else None
+    return names[0] if names else None
 
 
 def _loaded_bridge(session: Session) -> str:
-    return session.loaded.bridge if session.loaded is not None else handlers.NEW_BRIDGE
+    return session.loaded.bridge if session.loaded is not None else NEW_BRIDGE

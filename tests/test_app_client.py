@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.handlers import flatten_history
+from app.handlers.chat import flatten_history
 from app.main import build_app
 from composer.pairing import default_pairs
 from tests.test_app_support import BAD_ROW, free_port, make_pico_preset

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import handlers
+from app.handlers import bridges, chat, recipe, runs
 from app.session import Session
 from composer.config import ConfigError
 from composer.pairing import default_pairs
@@ -37,14 +37,14 @@ def session(presets, tmp_path) -> Session:
 def loaded(presets, tmp_path_factory) -> Session:
     """A session with the pico composition (new bridge) in memory, shared by the chat tests."""
     session = Session.create(presets_dir=presets, runs_dir=tmp_path_factory.mktemp("runs"))
-    handlers.load_models(session)
+    chat.load_models(session)
     return session
 
 
 def wait_for(session: Session, name: str, states: tuple[str, ...], *, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = handlers.run_view(session, name)
+        view = runs.run_view(session, name)
         if view.state in states:
             return view
         time.sleep(0.3)
@@ -58,7 +58,7 @@ def wait_for(session: Session, name: str, states: tuple[str, ...], *, timeout: f
 def test_the_default_preset_is_open_at_start(session, presets):
     assert session.preset_id == "pico"
     assert session.recipe["anchor"]["model"] == str((presets / "models" / "anchor").resolve())
-    assert handlers.preset_choices(session) == [("Pico sums (pico)", "pico")]
+    assert recipe.preset_choices(session) == [("Pico sums (pico)", "pico")]
 
 
 def test_without_a_default_preset_models_are_chosen_by_hand(presets, tmp_path):
@@ -69,20 +69,20 @@ def test_without_a_default_preset_models_are_chosen_by_hand(presets, tmp_path):
     session = Session.create(presets_dir=folder, runs_dir=tmp_path / "runs")
     assert session.preset_id is None and session.recipe == {}
     with pytest.raises(ConfigError, match="no anchor model chosen"):
-        handlers.check_pair(session)
-    handlers.set_models(
+        recipe.check_pair(session)
+    recipe.set_models(
         session,
         anchor=str(folder / "models" / "anchor"),
         specialist=str(folder / "models" / "specialist"),
         every=4,
     )
-    report = handlers.check_pair(session)
+    report = recipe.check_pair(session)
     assert report.compatible, report.problems
     assert report.pairs == list(default_pairs(anchor_layers=6, specialist_layers=8, every=4))
 
 
 def test_check_pair_shows_pairs_size_and_memory_without_loading(session):
-    report = handlers.check_pair(session)
+    report = recipe.check_pair(session)
     assert report.compatible, report.problems
     assert report.pairs == list(default_pairs(anchor_layers=6, specialist_layers=8, every=2))
     # 4 blocks: W_q, W_o (64 x 32 each), W_k, W_v (64 x 32), projection 48 x 64, two norms.
@@ -90,9 +90,9 @@ def test_check_pair_shows_pairs_size_and_memory_without_loading(session):
     assert report.bridge_parameters == 4 * per_block
     assert any("identical tokenizers" in note for note in report.notes)
     assert report.fits is True and report.memory[0].startswith("training plan")
-    text = handlers.report_markdown(report)
+    text = recipe.report_markdown(report)
     assert text.startswith("**Compatible**") and f"{4 * per_block:,} trainable" in text
-    svg = handlers.pairing_svg(report)
+    svg = recipe.pairing_svg(report)
     assert svg.count("<line") == len(report.pairs)
 
 
@@ -104,22 +104,22 @@ def test_incompatible_pairs_say_why(session, tmp_path):
     pico_qwen2(vocab_size=120).save_pretrained(other)
     build_char_tokenizer().save_pretrained(other)
     anchor = session.recipe["anchor"]["model"]
-    handlers.set_models(session, anchor=anchor, specialist=str(other), every=2)
-    report = handlers.check_pair(session)
+    recipe.set_models(session, anchor=anchor, specialist=str(other), every=2)
+    report = recipe.check_pair(session)
     assert not report.compatible
     assert "the anchor has 100 tokens and the specialist 120" in report.problems[0]
-    assert handlers.report_markdown(report).startswith("**Not compatible**")
+    assert recipe.report_markdown(report).startswith("**Not compatible**")
 
-    handlers.set_models(session, anchor=anchor, specialist=str(tmp_path / "missing"), every=2)
-    report = handlers.check_pair(session)
+    recipe.set_models(session, anchor=anchor, specialist=str(tmp_path / "missing"), every=2)
+    report = recipe.check_pair(session)
     assert not report.compatible and report.problems[0].startswith("specialist: model ")
-    handlers.set_models(session, anchor=anchor, specialist=anchor, every=50)
-    report = handlers.check_pair(session)
+    recipe.set_models(session, anchor=anchor, specialist=anchor, every=50)
+    report = recipe.check_pair(session)
     assert "fewer than bridge.every=50" in report.problems[0]
 
 
 def test_set_models_keeps_the_preset_sections_and_validates_numbers(session):
-    recipe = handlers.set_models(
+    edited = recipe.set_models(
         session,
         anchor=session.recipe["anchor"]["model"],
         specialist=session.recipe["specialist"]["model"],
@@ -128,17 +128,17 @@ def test_set_models_keeps_the_preset_sections_and_validates_numbers(session):
         num_heads=0,
         head_dim=16,
     )
-    assert recipe["anchor"]["quantization"] == "nf4"
-    assert recipe["bridge"]["num_heads"] is None and recipe["bridge"]["head_dim"] == 16
-    assert recipe["training"]["max_steps"] == 24  # the preset's other sections stay
+    assert edited["anchor"]["quantization"] == "nf4"
+    assert edited["bridge"]["num_heads"] is None and edited["bridge"]["head_dim"] == 16
+    assert edited["training"]["max_steps"] == 24  # the preset's other sections stay
     with pytest.raises(ConfigError, match="bridge every is -1"):
-        handlers.set_models(session, anchor="a", specialist="b", every=-1)
+        recipe.set_models(session, anchor="a", specialist="b", every=-1)
 
 
 def test_models_folder_listing(session, presets):
-    found = handlers.list_local_models(presets / "models", hf_cache=False)
+    found = recipe.list_local_models(presets / "models", hf_cache=False)
     assert found == [str(presets / "models" / "anchor"), str(presets / "models" / "specialist")]
-    assert handlers.list_local_models(presets / "nowhere", hf_cache=False) == []
+    assert recipe.list_local_models(presets / "nowhere", hf_cache=False) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_models_folder_listing(session, presets):
 
 def test_data_preview_shows_format_rows_as_trained_and_row_errors(session):
     path = session.recipe["data"]["train"]
-    view = handlers.preview_data(session, path, n=3)
+    view = recipe.preview_data(session, path, n=3)
     assert view.format == "prompt_completion" and view.rows == 48
     assert [row for row, _ in view.problems] == [BAD_ROW]
     assert "missing 'completion'" in view.problems[0][1]
@@ -159,14 +159,14 @@ def test_data_preview_shows_format_rows_as_trained_and_row_errors(session):
 def test_uploaded_and_broken_files(session, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{not json\n')
-    kept = handlers.keep_upload(session, str(broken))
+    kept = recipe.keep_upload(session, str(broken))
     assert Path(kept).parent == session.uploads_dir and Path(kept).read_text() == broken.read_text()
     with pytest.raises(ConfigError, match="line 2: not valid JSON"):
-        handlers.preview_data(session, kept)
-    handlers.set_data_file(session, kept)
+        recipe.preview_data(session, kept)
+    recipe.set_data_file(session, kept)
     assert session.recipe["data"]["train"] == kept
     with pytest.raises(ConfigError, match="no data file chosen"):
-        handlers.preview_data(session, "")
+        recipe.preview_data(session, "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,54 +175,54 @@ def test_uploaded_and_broken_files(session, tmp_path):
 
 def test_bad_settings_are_refused_before_anything_starts(session):
     with pytest.raises(ConfigError, match=r"training.lr is 5.0"):
-        handlers.start_training(session, run_name="bad", hyperparameters={"lr": 5.0})
+        runs.start_training(session, run_name="bad", hyperparameters={"lr": 5.0})
     with pytest.raises(ConfigError, match="not usable as a folder name"):
-        handlers.start_training(session, run_name="../up", hyperparameters={})
-    handlers.set_data_file(session, str(session.runs_dir / "missing.jsonl"))
+        runs.start_training(session, run_name="../up", hyperparameters={})
+    recipe.set_data_file(session, str(session.runs_dir / "missing.jsonl"))
     with pytest.raises(ConfigError, match="missing.jsonl does not exist"):
-        handlers.start_training(session, run_name="nodata", hyperparameters={})
-    assert handlers.list_runs(session) == [] and session.processes == {}
+        runs.start_training(session, run_name="nodata", hyperparameters={})
+    assert runs.list_runs(session) == [] and session.processes == {}
 
 
 @pytest.mark.slow
 def test_start_stop_resume_finish(session):
     """The real training process: recipe written first, progress tailed, stopped, resumed to
     the end; the finished bridge is offered to the chat."""
-    name = handlers.start_training(
+    name = runs.start_training(
         session, run_name="r1", hyperparameters={"max_steps": 24, "logging_every": 2}
     )
     folder = session.runs_dir / name
-    recipe = (folder / handlers.RECIPE_FILE).read_text()
-    assert "max_steps: 24" in recipe and str(session.recipe["data"]["train"]) in recipe
+    written = (folder / runs.RECIPE_FILE).read_text()
+    assert "max_steps: 24" in written and str(session.recipe["data"]["train"]) in written
     with pytest.raises(ConfigError, match="'r1' is still training"):
-        handlers.start_training(session, run_name="r2", hyperparameters={})
+        runs.start_training(session, run_name="r2", hyperparameters={})
     view = wait_for(session, name, ("running",))
     deadline = time.monotonic() + 90
-    while handlers.run_view(session, name).step < 2 and time.monotonic() < deadline:
+    while runs.run_view(session, name).step < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    handlers.stop_training(session, name)
+    runs.stop_training(session, name)
     view = wait_for(session, name, ("stopped", "finished"))
     if view.state == "stopped":  # (on a very fast machine the run may finish first)
         assert view.step < 24 and "stopped at step" in view.reason
         with pytest.raises(ConfigError, match="is not running"):
-            handlers.stop_training(session, name)
-        handlers.resume_training(session, name)
+            runs.stop_training(session, name)
+        runs.resume_training(session, name)
         view = wait_for(session, name, ("finished", "failed"))
     assert view.state == "finished", view.reason
     assert view.step == 24 and view.fraction == 1.0 and view.eta_s == 0.0
     assert [r["step"] for r in view.records] == list(range(2, 25, 2))  # no repeats after resume
-    series = handlers.loss_series(view.records)
+    series = runs.loss_series(view.records)
     assert {row["series"] for row in series} == {"raw", "smoothed", "eval"}
     assert "finished" in view.log_tail
     assert (folder / "bridge" / "bridge_config.json").is_file()
-    assert ("run r1", str(folder / "bridge")) in handlers.bridge_choices(session)
+    assert ("run r1", str(folder / "bridge")) in bridges.bridge_choices(session)
     with pytest.raises(ConfigError, match="has finished"):
-        handlers.resume_training(session, name)
+        runs.resume_training(session, name)
 
 
 def test_a_failed_process_shows_its_reason(session):
     session.train_command = [sys.executable, "-c", "import sys; print('boom: no GPU'); exit(1)"]
-    name = handlers.start_training(session, run_name="fails", hyperparameters={})
+    name = runs.start_training(session, run_name="fails", hyperparameters={})
     view = wait_for(session, name, ("failed",), timeout=30)
     assert "exit code 1" in view.reason and "boom: no GPU" in view.reason
     assert "Resume" in view.reason
@@ -231,22 +231,22 @@ def test_a_failed_process_shows_its_reason(session):
 def test_a_run_of_an_earlier_session_whose_process_is_gone_is_failed(session):
     folder = session.runs_dir / "old"
     folder.mkdir(parents=True)
-    (folder / handlers.RECIPE_FILE).write_text("{}")
+    (folder / runs.RECIPE_FILE).write_text("{}")
     status = {"state": "running", "pid": 2**22 + 12345, "step": 3, "max_steps": 10}
     (folder / "status.json").write_text(json.dumps(status))
     (folder / "progress.jsonl").write_text(
         json.dumps({"step": 2, "max_steps": 10, "loss": 3.0, "eta_s": 8.0}) + "\n"
     )
-    view = handlers.run_view(session, "old")
+    view = runs.run_view(session, "old")
     assert view.state == "failed" and "ended without finishing" in view.reason
     assert view.step == 3 and view.max_steps == 10
-    assert handlers.list_runs(session) == ["old"]
+    assert runs.list_runs(session) == ["old"]
 
 
 def test_loss_series_smooths_and_keeps_eval_points():
     records = [{"step": s, "loss": float(10 - s)} for s in range(1, 6)]
     records[-1]["eval_loss"] = 4.5
-    rows = handlers.loss_series(records, smoothing=0.5)
+    rows = runs.loss_series(records, smoothing=0.5)
     raw = [r["loss"] for r in rows if r["series"] == "raw"]
     smooth = [r["loss"] for r in rows if r["series"] == "smoothed"]
     assert raw == [9.0, 8.0, 7.0, 6.0, 5.0]
@@ -262,7 +262,7 @@ def test_loss_series_smooths_and_keeps_eval_points():
 
 def _reply(session, text: str, **settings) -> list[str]:
     messages = [{"role": "user", "content": text}]
-    return list(handlers.stream_reply(session, messages, handlers.ChatSettings(**settings)))
+    return list(chat.stream_reply(session, messages, chat.ChatSettings(**settings)))
 
 
 def test_replies_stream_and_match_the_library(loaded):
@@ -294,10 +294,10 @@ def test_bridge_off_and_specialist_alone(loaded):
             alone = composition.generate(ids, max_new_tokens=8)
         assert anchor == composition.tokenizer.decode(alone[0], skip_special_tokens=True)
         specialist = list(
-            handlers.stream_reply(
+            chat.stream_reply(
                 loaded,
                 [{"role": "user", "content": "7+8="}],
-                handlers.ChatSettings(max_new_tokens=8),
+                chat.ChatSettings(max_new_tokens=8),
                 model="specialist",
             )
         )[-1]
@@ -309,15 +309,15 @@ def test_bridge_off_and_specialist_alone(loaded):
         )
     finally:
         loaded.loaded = None  # back to a new (untrained) bridge for the other tests
-        handlers.load_models(loaded)
+        chat.load_models(loaded)
 
 
 def test_stop_ends_a_reply_early(loaded):
-    stream = handlers.stream_reply(
-        loaded, [{"role": "user", "content": "1+1="}], handlers.ChatSettings(max_new_tokens=400)
+    stream = chat.stream_reply(
+        loaded, [{"role": "user", "content": "1+1="}], chat.ChatSettings(max_new_tokens=400)
     )
     first = next(stream)
-    handlers.stop_reply(loaded)
+    chat.stop_reply(loaded)
     rest = list(stream)
     final = rest[-1] if rest else first
     assert len(final) < 300  # stopped within a few tokens, not after 400
@@ -328,7 +328,7 @@ def test_sampling_settings_are_validated(loaded):
     with pytest.raises(ConfigError, match="temperature is 0.0"):
         _reply(loaded, "hi", do_sample=True, temperature=0.0)
     with pytest.raises(ConfigError, match="type a message first"):
-        list(handlers.stream_reply(loaded, [], handlers.ChatSettings()))
+        list(chat.stream_reply(loaded, [], chat.ChatSettings()))
 
 
 def test_history_content_as_parts_is_flattened():
@@ -337,7 +337,7 @@ def test_history_content_as_parts_is_flattened():
         {"role": "assistant", "content": "c", "metadata": None},
         {"role": "tool", "content": "dropped"},
     ]
-    assert handlers.flatten_history(history) == [
+    assert chat.flatten_history(history) == [
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": "c"},
     ]
@@ -348,19 +348,19 @@ def test_history_content_as_parts_is_flattened():
 
 
 def test_save_archive_and_load_back(loaded, tmp_path):
-    folder = handlers.save_bridge(loaded, str(tmp_path / "saved"))
+    folder = bridges.save_bridge(loaded, str(tmp_path / "saved"))
     assert sorted(p.name for p in Path(folder).iterdir()) == [
         "README.md",
         "bridge.safetensors",
         "bridge_config.json",
         "composition.yaml",
     ]
-    archive = handlers.archive_bridge(loaded, folder)
+    archive = bridges.archive_bridge(loaded, folder)
     with zipfile.ZipFile(archive) as bundle:
         assert "bridge_config.json" in bundle.namelist()
-    summary = handlers.load_bridge(loaded, archive=archive)
+    summary = bridges.load_bridge(loaded, archive=archive)
     assert "bridge: " in summary and str(loaded.uploads_dir) in summary
-    assert handlers.load_bridge(loaded, folder=folder).endswith(str(Path(folder).resolve()))
+    assert bridges.load_bridge(loaded, folder=folder).endswith(str(Path(folder).resolve()))
 
 
 def test_a_bridge_for_other_models_is_refused_with_the_reason(loaded, tmp_path):
@@ -372,31 +372,27 @@ def test_a_bridge_for_other_models_is_refused_with_the_reason(loaded, tmp_path):
     other = compose(pico_llama(layers=4), pico_qwen2(), bridge_config=BridgeConfig(every=2))
     other.save_bridge(str(tmp_path / "other"))
     with pytest.raises(ConfigError, match="anchor num_layers is 6, the bridge was made for 4"):
-        handlers.load_bridge(loaded, folder=str(tmp_path / "other"))
+        bridges.load_bridge(loaded, folder=str(tmp_path / "other"))
     assert loaded.loaded.composition is before  # the loaded models are untouched
     not_a_bridge = tmp_path / "notes.zip"
     with zipfile.ZipFile(not_a_bridge, "w") as bundle:
         bundle.writestr("notes.txt", "hello")
     with pytest.raises(ConfigError, match="no bridge_config.json"):
-        handlers.load_bridge(loaded, archive=str(not_a_bridge))
+        bridges.load_bridge(loaded, archive=str(not_a_bridge))
 
 
 def test_push_without_a_token_says_what_to_do(loaded, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(handlers, "hub_token", lambda: None)
+    monkeypatch.setattr(bridges, "hub_token", lambda: None)
     with pytest.raises(ConfigError, match="no Hugging Face token is configured"):
-        handlers.push_to_hub(loaded, folder=None, repo_id="me/bridge")
+        bridges.push_to_hub(loaded, folder=None, repo_id="me/bridge")
     with pytest.raises(ConfigError, match="not of the form 'owner/name'"):
-        handlers.push_to_hub(loaded, folder=None, repo_id="bridge")
+        bridges.push_to_hub(loaded, folder=None, repo_id="bridge")
 
 
 def test_nothing_loaded_is_a_clear_error(session):
     with pytest.raises(ConfigError, match="no models are loaded"):
-        handlers.save_bridge(session)
+        bridges.save_bridge(session)
     with pytest.raises(ConfigError, match="no models are loaded"):
-        list(
-            handlers.stream_reply(
-                session, [{"role": "user", "content": "x"}], handlers.ChatSettings()
-            )
-        )
+        list(chat.stream_reply(session, [{"role": "user", "content": "x"}], chat.ChatSettings()))

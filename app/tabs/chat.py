@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import handlers
+from app.handlers import bridges, chat
 from app.session import Session
 from app.ui import MODEL_GROUP, guard
 from composer.config import ConfigError
@@ -21,15 +21,15 @@ def build(session: Session) -> SimpleNamespace:
     with gr.Row():
         bridge = gr.Dropdown(
             label="Bridge",
-            choices=handlers.bridge_choices(session),
-            value=handlers.NEW_BRIDGE,
+            choices=bridges.bridge_choices(session),
+            value=chat.NEW_BRIDGE,
             allow_custom_value=True,
             elem_id="chat-bridge",
             scale=3,
         )
         refresh = gr.Button("Refresh", elem_id="refresh-bridges", scale=1)
         load = gr.Button("Load models", variant="primary", elem_id="load-models", scale=1)
-    loaded = gr.Markdown(handlers.describe_loaded(session), elem_id="models-status")
+    loaded = gr.Markdown(chat.describe_loaded(session), elem_id="models-status")
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chatbot")
@@ -74,9 +74,9 @@ def build(session: Session) -> SimpleNamespace:
 
     settings = [system, max_new, sample, temperature, top_p, top_k, penalty, bridge_on]
 
-    def chat_settings(values: tuple[Any, ...]) -> handlers.ChatSettings:
+    def chat_settings(values: tuple[Any, ...]) -> chat.ChatSettings:
         system_prompt, max_new_tokens, do_sample, temp, p, k, rep, on = values
-        return handlers.ChatSettings(
+        return chat.ChatSettings(
             system_prompt=system_prompt or "",
             max_new_tokens=int(max_new_tokens),
             do_sample=bool(do_sample),
@@ -88,38 +88,38 @@ def build(session: Session) -> SimpleNamespace:
         )
 
     def ensure_loaded(choice: str | None) -> None:
-        notice = handlers.training_notice(session)
+        notice = chat.training_notice(session)
         if notice:
             gr.Warning(notice)
         if session.loaded is None:
             gr.Info("loading the models first")
-            handlers.load_models(session, bridge=choice)
+            chat.load_models(session, bridge=choice)
 
     def respond(
         history: list[dict[str, Any]] | None, text: str, choice: str | None, *values: Any
     ) -> Iterator[tuple[list[dict[str, str]], str]]:
-        messages = handlers.flatten_history(history)
+        messages = chat.flatten_history(history)
         if not (text or "").strip():
             raise ConfigError("type a message first")
         messages.append({"role": "user", "content": text})
         yield [*messages, {"role": "assistant", "content": ""}], ""
         ensure_loaded(choice)
         reply = ""
-        for reply in handlers.stream_reply(session, messages, chat_settings(values)):
+        for reply in chat.stream_reply(session, messages, chat_settings(values)):
             yield [*messages, {"role": "assistant", "content": reply}], ""
         yield [*messages, {"role": "assistant", "content": reply}], ""
 
     def again(
         history: list[dict[str, Any]] | None, choice: str | None, *values: Any
     ) -> Iterator[list[dict[str, str]]]:
-        messages = handlers.flatten_history(history)
+        messages = chat.flatten_history(history)
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages:
             raise ConfigError("nothing to regenerate yet; send a message first")
         ensure_loaded(choice)
         reply = ""
-        for reply in handlers.stream_reply(session, messages, chat_settings(values)):
+        for reply in chat.stream_reply(session, messages, chat_settings(values)):
             yield [*messages, {"role": "assistant", "content": reply}]
         yield [*messages, {"role": "assistant", "content": reply}]
 
@@ -131,12 +131,12 @@ def build(session: Session) -> SimpleNamespace:
         messages = [{"role": "user", "content": text}]
         answers = ["", "", ""]
         for k, model in enumerate(("anchor", "specialist", "composition")):
-            for answers[k] in handlers.stream_reply(session, messages, config, model=model):
+            for answers[k] in chat.stream_reply(session, messages, config, model=model):
                 yield tuple(answers)
         yield tuple(answers)
 
     def load_models(choice: str | None) -> str:
-        return handlers.load_models(session, bridge=choice)
+        return chat.load_models(session, bridge=choice)
 
     chat_inputs = [chatbot, message, bridge, *settings]
     send.click(guard(respond), chat_inputs, [chatbot, message], api_name="chat", **MODEL_EVENT)
@@ -153,16 +153,14 @@ def build(session: Session) -> SimpleNamespace:
         api_name="compare",
         **MODEL_EVENT,
     )
-    stop.click(lambda: handlers.stop_reply(session), None, None, api_name="stop_chat", queue=False)
+    stop.click(lambda: chat.stop_reply(session), None, None, api_name="stop_chat", queue=False)
     clear.click(lambda: [], None, chatbot, api_name="clear_chat", queue=False)
     load.click(guard(load_models), bridge, loaded, api_name="load_models", **MODEL_EVENT)
 
     def refresh_bridges(choice: str | None) -> Any:
-        choices = handlers.bridge_choices(session)
+        choices = bridges.bridge_choices(session)
         values = {value for _, value in choices}
-        return gr.Dropdown(
-            choices=choices, value=choice if choice in values else handlers.NEW_BRIDGE
-        )
+        return gr.Dropdown(choices=choices, value=choice if choice in values else chat.NEW_BRIDGE)
 
     refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
     return SimpleNamespace(

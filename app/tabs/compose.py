@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import handlers
+from app.handlers import recipe
 from app.session import Session
 from app.ui import guard
 
@@ -19,7 +19,7 @@ def build(session: Session) -> SimpleNamespace:
     with gr.Row():
         preset = gr.Dropdown(
             label="Preset (one click fills every tab)",
-            choices=handlers.preset_choices(session),
+            choices=recipe.preset_choices(session),
             value=None,
             elem_id="preset-dropdown",
             scale=3,
@@ -34,7 +34,7 @@ def build(session: Session) -> SimpleNamespace:
             )
             anchor_quant = gr.Dropdown(
                 label="Anchor quantisation",
-                choices=list(handlers.QUANTIZATIONS),
+                choices=list(recipe.QUANTIZATIONS),
                 value="none",
                 elem_id="anchor-quant",
             )
@@ -45,7 +45,7 @@ def build(session: Session) -> SimpleNamespace:
             )
             specialist_quant = gr.Dropdown(
                 label="Specialist quantisation",
-                choices=list(handlers.QUANTIZATIONS),
+                choices=list(recipe.QUANTIZATIONS),
                 value="none",
                 elem_id="specialist-quant",
             )
@@ -110,7 +110,7 @@ def build(session: Session) -> SimpleNamespace:
     ]
 
     def set_models(*values: Any) -> None:
-        handlers.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
+        recipe.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
 
     gr.on(
         [component.input for component in model_fields],
@@ -123,7 +123,7 @@ def build(session: Session) -> SimpleNamespace:
     )
 
     def list_models() -> Any:
-        return gr.Dropdown(choices=handlers.list_local_models(session.models_dir))
+        return gr.Dropdown(choices=recipe.list_local_models(session.models_dir))
 
     refresh_models.click(guard(list_models), None, found, api_name="list_models")
     use_anchor.click(lambda m: m, found, anchor, api_name="use_as_anchor").then(
@@ -134,13 +134,13 @@ def build(session: Session) -> SimpleNamespace:
     )
 
     def check_pair(*values: Any) -> tuple[str, list[list[int]], str]:
-        handlers.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
+        recipe.set_models(session, **dict(zip(MODEL_KEYS, values, strict=True)))
         return show_report()
 
     def show_report() -> tuple[str, list[list[int]], str]:
-        result = handlers.check_pair(session)
+        result = recipe.check_pair(session)
         rows = [[k, a, s] for k, (a, s) in enumerate(result.pairs)]
-        return handlers.report_markdown(result), rows, handlers.pairing_svg(result)
+        return recipe.report_markdown(result), rows, recipe.pairing_svg(result)
 
     check.click(guard(check_pair), model_fields, [report, pairs, picture], api_name="check_pair")
 
@@ -148,7 +148,7 @@ def build(session: Session) -> SimpleNamespace:
         session.reload_presets()
         for problem in session.preset_problems:
             gr.Warning(problem)
-        return gr.Dropdown(choices=handlers.preset_choices(session))
+        return gr.Dropdown(choices=recipe.preset_choices(session))
 
     reload_presets.click(guard(reload), None, preset, api_name="reload_presets")
     return SimpleNamespace(

@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import handlers
+from app.handlers import recipe
 from app.session import Session
 from app.ui import guard
 
@@ -47,8 +47,8 @@ def build(session: Session) -> SimpleNamespace:
     def preview(file_path: str) -> tuple[str, list[list[Any]], list[list[Any]]]:
         if not (file_path or "").strip():
             return "No training file chosen yet.", [], []
-        handlers.set_data_file(session, file_path)
-        view = handlers.preview_data(session, file_path)
+        recipe.set_data_file(session, file_path)
+        view = recipe.preview_data(session, file_path)
         bad = len(view.problems)
         text = f"Detected format: **{view.format}** · {view.rows} row(s) · " + (
             f"**{bad} row(s) will be skipped** (listed below)" if bad else "every row is valid"
@@ -73,7 +73,7 @@ def build(session: Session) -> SimpleNamespace:
     def uploaded(file: str | None) -> str:
         if not file:
             return gr.skip()
-        return handlers.keep_upload(session, file)
+        return recipe.keep_upload(session, file)
 
     upload.upload(guard(uploaded), upload, path, api_name="upload_data").then(
         guard(preview), path, outputs, api_name="preview_uploaded_data"

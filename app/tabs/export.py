@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import handlers
+from app.handlers import bridges
 from app.session import Session
 from app.ui import MODEL_GROUP, guard
 
@@ -39,7 +39,7 @@ def build(session: Session) -> SimpleNamespace:
             )
         load = gr.Button("Load bridge", elem_id="load-bridge")
     with gr.Accordion("Push to the Hugging Face hub", open=False):
-        token = "configured" if handlers.hub_token() else "not configured (`hf auth login`)"
+        token = "configured" if bridges.hub_token() else "not configured (`hf auth login`)"
         gr.Markdown(f"Hugging Face token: {token}.")
         with gr.Row():
             repo = gr.Textbox(label="Repository (owner/name)", elem_id="hub-repo", scale=3)
@@ -48,18 +48,18 @@ def build(session: Session) -> SimpleNamespace:
     status = gr.Textbox(label="Result", interactive=False, elem_id="export-status")
 
     def save_bridge(target: str) -> tuple[str, str]:
-        path = handlers.save_bridge(session, target)
+        path = bridges.save_bridge(session, target)
         return f"saved the bridge to {path}", path
 
     def archive_bridge(target: str) -> tuple[str, str]:
-        path = handlers.archive_bridge(session, target)
+        path = bridges.archive_bridge(session, target)
         return path, f"archive ready: {path}"
 
     def load_bridge(target: str, upload: str | None) -> str:
-        return handlers.load_bridge(session, folder=target, archive=upload)
+        return bridges.load_bridge(session, folder=target, archive=upload)
 
     def push(target: str, repo_id: str, is_private: bool) -> str:
-        url = handlers.push_to_hub(session, folder=target, repo_id=repo_id, private=is_private)
+        url = bridges.push_to_hub(session, folder=target, repo_id=repo_id, private=is_private)
         return f"pushed to {url}"
 
     save.click(guard(save_bridge), folder, [status, folder], api_name="save_bridge", **MODEL_EVENT)

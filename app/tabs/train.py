@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import handlers
+from app.handlers import runs
 from app.session import Session
 from app.ui import guard
 
@@ -53,13 +53,13 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
     with gr.Row():
         run = gr.Dropdown(
             label="Run (folder under runs/)",
-            choices=handlers.list_runs(session),
+            choices=runs.list_runs(session),
             allow_custom_value=True,
             elem_id="run-select",
             scale=3,
         )
         refresh = gr.Button("Refresh runs", elem_id="refresh-runs", scale=1)
-    bar = gr.HTML(progress_html(handlers.RunView(name="", state="none")), elem_id="train-progress")
+    bar = gr.HTML(progress_html(runs.RunView(name="", state="none")), elem_id="train-progress")
     state = gr.Textbox(label="Status", interactive=False, elem_id="train-status", lines=2)
     stats = gr.Markdown(elem_id="train-stats")
     plot = gr.LinePlot(
@@ -80,12 +80,12 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
     timer = gr.Timer(poll_seconds)
 
     def poll(name: str | None) -> tuple[Any, ...]:
-        view = handlers.run_view(session, name)
+        view = runs.run_view(session, name)
         return (
             progress_html(view),
             status_text(view),
             stats_markdown(view),
-            _frame(handlers.loss_series(view.records)),
+            _frame(runs.loss_series(view.records)),
             view.log_tail,
         )
 
@@ -103,35 +103,35 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
 
     def start_run(name: str, *values: Any) -> Any:
         hyper = {key: v for (key, _, _), v in zip(HYPERPARAMETERS, values, strict=True)}
-        started = handlers.start_training(session, run_name=name, hyperparameters=hyper)
+        started = runs.start_training(session, run_name=name, hyperparameters=hyper)
         gr.Info(f"run {started} started: loading the models")
-        return gr.Dropdown(choices=handlers.list_runs(session), value=started)
+        return gr.Dropdown(choices=runs.list_runs(session), value=started)
 
     start.click(guard(start_run), [run_name, *fields], run, api_name="start_training")
 
     def stop_run(name: str) -> str:
-        handlers.stop_training(session, name)
+        runs.stop_training(session, name)
         return f"stopping {name}: it writes a checkpoint at the end of this step"
 
     stop.click(guard(stop_run), run, state, api_name="stop_training")
 
     def resume_run(name: str) -> Any:
-        handlers.resume_training(session, name)
+        runs.resume_training(session, name)
         gr.Info(f"run {name} resumes from its last checkpoint")
-        return gr.Dropdown(choices=handlers.list_runs(session), value=name)
+        return gr.Dropdown(choices=runs.list_runs(session), value=name)
 
     resume.click(guard(resume_run), run, run, api_name="resume_training")
 
     def refresh_runs(name: str | None) -> Any:
-        runs = handlers.list_runs(session)
-        return gr.Dropdown(choices=runs, value=name if name in runs else (runs or [None])[0])
+        names = runs.list_runs(session)
+        return gr.Dropdown(choices=names, value=name if name in names else (names or [None])[0])
 
     refresh.click(guard(refresh_runs), run, run, api_name="refresh_runs")
     return SimpleNamespace(fields=fields, run=run, run_name=run_name)
 
 
 def hyperparameter_values(session: Session) -> list[Any]:
-    defaults = handlers.training_defaults(session)
+    defaults = runs.training_defaults(session)
     return [defaults.get(key) for key, _, _ in HYPERPARAMETERS]
 
 
@@ -149,10 +149,10 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
     )
 
 
-def progress_html(view: handlers.RunView) -> str:
+def progress_html(view: runs.RunView) -> str:
     percent = 100 * view.fraction
     total = view.max_steps or "?"
-    eta = handlers.format_duration(view.eta_s) if view.state in ACTIVE else "—"
+    eta = runs.format_duration(view.eta_s) if view.state in ACTIVE else "—"
     label = (
         f"step {view.step} / {total} · {percent:.0f}% · ETA {eta}"
         if view.state != "none"
@@ -167,7 +167,7 @@ def progress_html(view: handlers.RunView) -> str:
     )
 
 
-def status_text(view: handlers.RunView) -> str:
+def status_text(view: runs.RunView) -> str:
     if view.state == "none":
         return view.reason or "no run selected: start one, or pick an earlier run"
     text = f"{view.name}: {view.state}"
@@ -180,7 +180,7 @@ def status_text(view: handlers.RunView) -> str:
     return text
 
 
-def stats_markdown(view: handlers.RunView) -> str:
+def stats_markdown(view: runs.RunView) -> str:
     if not view.records:
         return ""
     last = view.records[-1]
@@ -190,8 +190,8 @@ def stats_markdown(view: handlers.RunView) -> str:
         f"epoch {last.get('epoch', 0):.2f}",
         f"lr {last.get('lr', 0):.2e}",
         f"{tps} tokens/s",
-        f"peak memory {handlers.format_bytes(view.peak_memory_bytes)}",
-        f"elapsed {handlers.format_duration(view.elapsed_s)}",
+        f"peak memory {runs.format_bytes(view.peak_memory_bytes)}",
+        f"elapsed {runs.format_duration(view.elapsed_s)}",
     ]
     evals = [r["eval_loss"] for r in view.records if "eval_loss" in r]
     if evals:

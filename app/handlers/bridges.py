@@ -1,0 +1,189 @@
+"""Bridges: which ones can be used, saving, archiving, loading (refused with the reason when a
+bridge does not fit the loaded models), and pushing to the Hugging Face hub."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from app.handlers.chat import NEW_BRIDGE, describe_loaded, require_loaded
+from app.handlers.runs import list_runs
+from app.session import Session
+from composer import progress
+from composer.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def bridge_choices(session: Session) -> list[tuple[str, str]]:
+    """(label, folder) for the chat's bridge dropdown: new, finished runs, exported bridges."""
+    choices = [("new (untrained) bridge", NEW_BRIDGE)]
+    for name in list_runs(session):
+        folder = session.runs_dir / name / progress.BRIDGE
+        if (folder / "bridge_config.json").is_file():
+            choices.append((f"run {name}", str(folder)))
+    if session.exports_dir.is_dir():
+        for folder in sorted(session.exports_dir.iterdir()):
+            if (folder / "bridge_config.json").is_file():
+                choices.append((f"saved {folder.name}", str(folder)))
+    if session.loaded and session.loaded.bridge not in {value for _, value in choices}:
+        choices.append((f"loaded {Path(session.loaded.bridge).name}", session.loaded.bridge))
+    return choices
+
+
+def save_bridge(session: Session, folder: str | None = None) -> str:
+    """Save the loaded composition's bridge folder; returns its path."""
+    with session.model_lock:
+        composition = require_loaded(session)
+        target = (
+            Path(folder).expanduser() if folder and folder.strip() else _default_export(session)
+        )
+        target = target.resolve()
+        composition.save_bridge(str(target))
+    return str(target)
+
+
+def _default_export(session: Session) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", session.preset_id or "bridge").strip("-") or "bridge"
+    return session.exports_dir / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def archive_bridge(session: Session, folder: str | None = None) -> str:
+    """A .zip of a bridge folder (the loaded bridge is saved first when no folder is given)."""
+    from composer.export import read_bridge_config
+
+    source = Path(folder).expanduser() if folder and folder.strip() else None
+    if source is None or not source.exists():
+        source = Path(save_bridge(session, folder))
+    read_bridge_config(source)  # a folder that is not a bridge is refused with the reason
+    out_dir = Path(tempfile.mkdtemp(prefix="calm-bridge-"))
+    archive = shutil.make_archive(str(out_dir / source.name), "zip", root_dir=source)
+    return archive
+
+
+def _bridge_folder_in(root: Path) -> Path:
+    if (root / "bridge_config.json").is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob("bridge_config.json"))
+    if not found:
+        raise ConfigError(
+            f"no bridge_config.json in {root}; expected a bridge folder or an archive of one "
+            "(made by Save or Download here, or by calm-composer train)"
+        )
+    return found[0]
+
+
+def unpack_bridge(session: Session, archive: str) -> Path:
+    """Extract an uploaded .zip/.tar(.gz) into the runs folder; returns the bridge folder in it."""
+    source = Path(archive)
+    target = Path(tempfile.mkdtemp(prefix="bridge-", dir=_ensure(session.uploads_dir)))
+    try:
+        if zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as bundle:
+                for member in bundle.namelist():
+                    _check_member(member, source)
+                bundle.extractall(target)
+        elif tarfile.is_tarfile(source):
+            with tarfile.open(source) as bundle:
+                bundle.extractall(target, filter="data")
+        else:
+            raise ConfigError(
+                f"{source.name} is neither a .zip nor a .tar archive; upload the archive that "
+                "Download made, or give the bridge folder"
+            )
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ConfigError(f"could not unpack {source.name}: {exc}") from None
+    return _bridge_folder_in(target)
+
+
+def _check_member(member: str, source: Path) -> None:
+    path = Path(member)
+    if path.is_absolute() or ".." in path.parts:
+        raise ConfigError(f"{source.name} holds an unsafe path {member!r}; refusing to unpack it")
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_bridge(session: Session, *, folder: str | None = None, archive: str | None = None) -> str:
+    """Put a saved bridge (a folder, or an uploaded archive) on the loaded models.
+
+    Refused with the reason (ConfigError from composer.export.load_bridge) when the bridge was
+    made for other models; the models stay loaded either way.
+    """
+    from composer.export import load_bridge as compose_with_bridge
+
+    if archive:
+        path = unpack_bridge(session, archive)
+    elif folder and folder.strip():
+        path = _bridge_folder_in(Path(folder.strip()).expanduser())
+    else:
+        raise ConfigError("give a bridge folder or upload an archive of one")
+    with session.model_lock:
+        current = require_loaded(session)
+        composition = compose_with_bridge(
+            path,
+            current.anchor,
+            current.specialist,
+            tokenizer=current.tokenizer,
+            recipe=current.recipe,
+            sources=current.sources,
+        )
+        session.loaded = dataclasses.replace(
+            session.loaded, composition=composition, bridge=str(path.resolve())
+        )
+    return describe_loaded(session)
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token configured on this machine (HF_TOKEN or `hf auth login`)."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return os.environ.get("HF_TOKEN")
+    return get_token()
+
+
+def push_to_hub(session: Session, *, folder: str | None, repo_id: str, private: bool = True) -> str:
+    """Upload a bridge folder (the loaded bridge, saved first, when none is given) to the hub."""
+    from composer.export import read_bridge_config
+
+    repo_id = (repo_id or "").strip()
+    if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", repo_id):
+        raise ConfigError(f"hub repository {repo_id!r} is not of the form 'owner/name'")
+    token = hub_token()
+    if not token:
+        raise ConfigError(
+            "no Hugging Face token is configured; run `hf auth login` or set HF_TOKEN, then "
+            "push again (the bridge can still be saved and downloaded here)"
+        )
+    source = Path(folder).expanduser() if folder and folder.strip() else None
+    if source is None or not source.exists():
+        source = Path(save_bridge(session, folder))
+    read_bridge_config(source)
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(source), commit_message="Upload CALM bridge"
+        )
+    except Exception as exc:  # network, permissions, rate limits: a message, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"could not push to {repo_id} ({type(exc).__name__}: {first}); check the network "
+            "and that the token may write to that repository"
+        ) from None
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -1,0 +1,276 @@
+"""The composition in memory (loaded once, used under the session's lock) and streamed replies
+from it, from the anchor alone or from the specialist alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.handlers.recipe import current_recipe
+from app.session import Loaded, Session
+from composer.config import CompositionConfig, ConfigError, GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+NEW_BRIDGE = ""  # the bridge choice meaning "a new, untrained bridge"
+
+
+def _models_key(config: CompositionConfig) -> str:
+    data = config.to_dict()
+    return json.dumps({k: data[k] for k in ("anchor", "specialist", "bridge")}, sort_keys=True)
+
+
+def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE) -> str:
+    """Load the recipe's two models and a bridge (new, or a saved folder); returns a summary.
+
+    Reuses what is loaded when the models and the bridge are the same.
+    """
+    config = current_recipe(session)
+    key, bridge = _models_key(config), (bridge or NEW_BRIDGE)
+    with session.model_lock:
+        loaded = session.loaded
+        if loaded is not None and loaded.key == key and loaded.bridge == bridge:
+            return describe_loaded(session)
+        from composer.loading import load_composition
+
+        session.loaded = None  # free the old models before loading new ones
+        composition = load_composition(config, bridge=bridge or None, seed=0)
+        session.loaded = Loaded(composition=composition, key=key, bridge=bridge)
+    return describe_loaded(session)
+
+
+def describe_loaded(session: Session) -> str:
+    if session.loaded is None:
+        return "no models loaded"
+    composition = session.loaded.composition
+    bridge = session.loaded.bridge or "a new (untrained) bridge: the composition is the anchor"
+    recipe = composition.recipe
+    names = f"{recipe.anchor.model} + {recipe.specialist.model}" if recipe is not None else "models"
+    return (
+        f"loaded {names}; {len(composition.pairs)} block(s), "
+        f"{composition.bridge.num_parameters():,} bridge parameters; bridge: {bridge}"
+    )
+
+
+def require_loaded(session: Session) -> Any:
+    if session.loaded is None:
+        raise ConfigError("no models are loaded; press Load in the Chat tab first")
+    return session.loaded.composition
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    system_prompt: str = ""
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    bridge: bool = True  # False: the anchor alone
+
+    def generation(self) -> GenerationConfig:
+        """Validated decoding settings (ConfigError names a bad one)."""
+        return GenerationConfig(
+            max_new_tokens=int(self.max_new_tokens),
+            do_sample=bool(self.do_sample),
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=int(self.top_k),
+            repetition_penalty=float(self.repetition_penalty),
+        )
+
+
+def flatten_content(content: Any) -> str:
+    """Gradio 6 message content (a string, or a list of parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, Sequence):
+        return "".join(flatten_content(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def flatten_history(history: Sequence[Mapping[str, Any]] | None) -> list[dict[str, str]]:
+    """[{"role", "content": str}, ...] from a Chatbot value (other roles dropped)."""
+    out = []
+    for message in history or []:
+        role = message.get("role")
+        if role in ("user", "assistant", "system"):
+            out.append({"role": role, "content": flatten_content(message.get("content"))})
+    return out
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], system_prompt: str) -> Any:
+    """(1, T) prompt ids: the chat template when the tokenizer has one, else plain text."""
+    import torch
+
+    from composer.generate import chat_input_ids
+
+    if getattr(tokenizer, "chat_template", None):
+        return chat_input_ids(tokenizer, messages, system_prompt=system_prompt or None)
+    text = "\n".join(
+        [*([system_prompt] if system_prompt else []), *(m["content"] for m in messages)]
+    )
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return torch.tensor([ids])
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the decoding thread when Stop was pressed."""
+
+
+def _streamer(tokenizer: Any, cancel: threading.Event) -> Any:
+    from transformers import TextIteratorStreamer
+
+    class CancellableStreamer(TextIteratorStreamer):
+        def put(self, value: Any) -> None:
+            if cancel.is_set():
+                raise GenerationCancelled
+            super().put(value)
+
+    return CancellableStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.2)
+
+
+def _stream(decode: Callable[[Any], Any], tokenizer: Any, cancel: threading.Event) -> Iterator[str]:
+    """Run ``decode(streamer)`` in a thread; yield the growing text until it ends or Stop."""
+    from queue import Empty
+
+    streamer = _streamer(tokenizer, cancel)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            decode(streamer)
+        except GenerationCancelled:
+            streamer.end()
+        except BaseException as exc:  # surfaced in the request thread below
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, name="calm-generate", daemon=True)
+    thread.start()
+    text = ""
+    try:
+        while True:
+            try:
+                piece = next(streamer)
+            except StopIteration:
+                break
+            except Empty:
+                if not thread.is_alive() and streamer.text_queue.empty():
+                    break
+                continue
+            text += piece
+            yield text
+    finally:
+        if thread.is_alive():
+            cancel.set()  # the caller stopped reading (Stop, closed page): end the decoding
+        thread.join(timeout=30)
+    if errors:
+        raise errors[0]
+
+
+def _decode_kwargs(settings: GenerationConfig) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        repetition_penalty=settings.repetition_penalty,
+    )
+
+
+def stream_reply(
+    session: Session,
+    messages: Sequence[Mapping[str, str]],
+    settings: ChatSettings,
+    *,
+    model: str = "composition",  # or "anchor" (bridge off) or "specialist"
+) -> Iterator[str]:
+    """Stream the reply to the conversation's last user message; yields the text so far.
+
+    Holds the model lock while decoding. Stop (``stop_reply``) ends it within one token.
+    """
+    generation = settings.generation()
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ConfigError("type a message first")
+    with session.model_lock:
+        composition = require_loaded(session)
+        tokenizer = composition.tokenizer
+        input_ids = prompt_ids(tokenizer, messages, settings.system_prompt)
+        kwargs = _decode_kwargs(generation)
+        session.cancel.clear()
+        if model == "specialist":
+            decode = _specialist_decode(composition, input_ids, kwargs, tokenizer)
+        elif model == "anchor" or not settings.bridge:
+
+            def decode(streamer: Any) -> None:
+                with composition.bridge_off():
+                    composition.generate(input_ids, streamer=streamer, **kwargs)
+
+        else:
+
+            def decode(streamer: Any) -> None:
+                composition.generate(input_ids, streamer=streamer, **kwargs)
+
+        yield from _stream(decode, tokenizer, session.cancel)
+
+
+def _specialist_decode(composition: Any, input_ids: Any, kwargs: dict[str, Any], tokenizer: Any):  # noqa: ANN202
+    import torch
+
+    specialist = composition.specialist
+    sample = kwargs["do_sample"]
+    options: dict[str, Any] = {
+        "max_new_tokens": kwargs["max_new_tokens"],
+        "do_sample": sample,
+        "repetition_penalty": kwargs["repetition_penalty"],
+        "pad_token_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    }
+    if sample:
+        options.update(
+            temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"]
+        )
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    device = specialist.get_input_embeddings().weight.device
+
+    def decode(streamer: Any) -> None:
+        ids = input_ids.to(device)
+        with torch.no_grad():
+            specialist.generate(
+                ids, attention_mask=torch.ones_like(ids), streamer=streamer, **options
+            )
+
+    return decode
+
+
+def stop_reply(session: Session) -> None:
+    session.cancel.set()
+
+
+def training_notice(session: Session) -> str | None:
+    """Why a reply may be slow now (a training run shares the machine), or None."""
+    busy = session.running_process()
+    if busy is None:
+        return None
+    return (
+        f"training run {busy[0]!r} is running on this machine; replies share the processor with "
+        "it and will be slower until it ends"
+    )

@@ -1,0 +1,356 @@
+"""The recipe being edited: presets, the models form, the compatibility report (nothing is
+loaded: configs only), and the training data file with its preview."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.session import Session
+from composer.config import CompositionConfig, ConfigError, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def preset_choices(session: Session) -> list[tuple[str, str]]:
+    """(label, id) for the preset dropdown."""
+    return [(p.title if p.title == p.id else f"{p.title} ({p.id})", p.id) for p in session.presets]
+
+
+def apply_preset(session: Session, preset_id: str) -> dict[str, Any]:
+    """Make a preset the recipe being edited; returns that recipe (a plain dict)."""
+    preset = session.preset(preset_id)
+    if preset is None:
+        known = ", ".join(p.id for p in session.presets) or "none"
+        raise ConfigError(f"no preset {preset_id!r} in {session.presets_dir}; known: {known}")
+    session.use_preset(preset)
+    return session.recipe
+
+
+def current_recipe(session: Session) -> CompositionConfig:
+    """The recipe being edited, validated; ConfigError when models are missing or settings bad."""
+    recipe = session.recipe
+    for role in ("anchor", "specialist"):
+        if not (recipe.get(role) or {}).get("model"):
+            raise ConfigError(
+                f"no {role} model chosen; pick a preset or enter a hub id, a folder or a .gguf "
+                f"file as the {role}"
+            )
+    return CompositionConfig.from_dict(recipe)
+
+
+def set_models(
+    session: Session,
+    *,
+    anchor: str,
+    specialist: str,
+    anchor_quantization: str = "none",
+    specialist_quantization: str = "none",
+    every: int = 4,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+    project_specialist: bool = True,
+) -> dict[str, Any]:
+    """Put the models form into the recipe (validated later, when it is used)."""
+    recipe = dict(session.recipe)
+    for role, model, quantization in (
+        ("anchor", anchor, anchor_quantization),
+        ("specialist", specialist, specialist_quantization),
+    ):
+        section = dict(recipe.get(role) or {})
+        if (model or "").strip() != section.get("model"):
+            section = {"model": (model or "").strip()}  # another model: drop its old settings
+        section["quantization"] = quantization or "none"
+        recipe[role] = section
+    bridge = dict(recipe.get("bridge") or {})
+    bridge.update(
+        every=_whole(every, "bridge every", default=4),
+        num_heads=_whole(num_heads, "bridge heads") or None,  # 0 / empty: the anchor's own
+        head_dim=_whole(head_dim, "bridge head size") or None,
+        project_specialist=bool(project_specialist),
+    )
+    recipe["bridge"] = bridge
+    session.recipe = recipe
+    return recipe
+
+
+def _whole(value: Any, what: str, *, default: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{what} is {value!r}; expected a whole number >= 0")
+    return value
+
+
+def list_local_models(models_dir: Path, *, hf_cache: bool = True) -> list[str]:
+    """Model folders (with config.json) and .gguf files under ``models_dir``, then hub ids in the
+    Hugging Face cache. Nothing is loaded."""
+    found: list[str] = []
+    if models_dir.is_dir():
+        for path in sorted(models_dir.rglob("*")):
+            depth = len(path.relative_to(models_dir).parts)
+            if depth > 3:
+                continue
+            if path.is_file() and path.suffix.lower() == ".gguf":
+                found.append(str(path))
+            elif path.is_dir() and (path / "config.json").is_file():
+                found.append(str(path))
+    if hf_cache:
+        found += hub_cache_models()
+    return found
+
+
+def hub_cache_models() -> list[str]:
+    """Hub ids of the models in the local Hugging Face cache (empty when there is no cache)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception as exc:  # no cache folder, unreadable cache: nothing to list
+        logger.debug("no Hugging Face cache to list: %s", exc)
+        return []
+    return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose: is the pair compatible, how are layers paired, what does it cost
+
+
+@dataclass
+class PairReport:
+    """What the Compose tab shows before anything is loaded."""
+
+    compatible: bool
+    problems: list[str] = field(default_factory=list)  # why it is not compatible
+    notes: list[str] = field(default_factory=list)  # facts about each model and the vocabulary
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (anchor layer, specialist layer)
+    anchor_layers: int = 0
+    specialist_layers: int = 0
+    bridge_parameters: int = 0
+    anchor_parameters: int = 0
+    memory: list[str] = field(default_factory=list)  # the training plan, line by line
+    fits: bool | None = None
+
+
+def check_pair(session: Session) -> PairReport:
+    """Read both models' configs (no weights) and decide: compatible? pairs? size? memory?
+
+    Raises ConfigError only for a recipe that cannot even be read; model problems (missing
+    files, unknown architectures, different vocabularies) are reported in ``problems``.
+    """
+    from composer.architectures import model_shape
+    from composer.loading import load_config
+
+    config = current_recipe(session)
+    report = PairReport(compatible=False)
+    configs: dict[str, Any] = {}
+    for role in ("anchor", "specialist"):
+        spec: ModelSpec = getattr(config, role)
+        try:
+            configs[role] = load_config(spec)
+        except ConfigError as exc:
+            report.problems.append(f"{role}: {exc}")
+            continue
+        shape = model_shape(configs[role])
+        report.notes.append(
+            f"{role}: {spec.model} — {shape.model_type}, {shape.num_layers} layers x "
+            f"{shape.width}, {shape.num_heads} heads, vocabulary {shape.vocab_size:,}, "
+            f"quantization {spec.quantization}"
+        )
+    if len(configs) < 2:
+        return report
+    anchor, specialist = (model_shape(configs[r]) for r in ("anchor", "specialist"))
+    report.anchor_layers, report.specialist_layers = anchor.num_layers, specialist.num_layers
+    if anchor.vocab_size != specialist.vocab_size:
+        report.problems.append(
+            f"vocabulary: the anchor has {anchor.vocab_size:,} tokens and the specialist "
+            f"{specialist.vocab_size:,}; both models must read the same token ids (choose two "
+            "models of the same family)"
+        )
+    else:
+        same = _same_tokenizer(session, config)
+        if same is False:
+            report.problems.append(
+                "vocabulary: same size, but the tokenizers map tokens to different ids; choose "
+                "two models of the same family"
+            )
+        else:
+            checked = "identical tokenizers" if same else "tokenizers compared when loading"
+            report.notes.append(f"vocabulary: shared, {anchor.vocab_size:,} tokens ({checked})")
+    from composer.composition import bridge_shape_for
+    from composer.memory import count_parameters, plan
+
+    try:
+        shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
+    except ConfigError as exc:
+        report.problems.append(f"bridge: {exc}")
+        return report
+    report.pairs = [tuple(p) for p in shape.pairs]
+    report.bridge_parameters = shape.num_parameters()
+    report.anchor_parameters = count_parameters(configs["anchor"]).total
+    try:
+        estimate = plan(config)
+        report.memory, report.fits = estimate.format(), estimate.fits
+    except ConfigError as exc:
+        report.memory = [f"no memory estimate: {exc}"]
+    report.compatible = not report.problems
+    return report
+
+
+def _same_tokenizer(session: Session, config: CompositionConfig) -> bool | None:
+    """True/False when both tokenizers are cheap to read (not GGUF); None when not compared."""
+    if config.anchor.is_gguf or config.specialist.is_gguf:
+        return None  # building a tokenizer from GGUF can take tens of seconds
+    from composer.export import tokenizer_fingerprint
+
+    try:
+        a = tokenizer_for(session, config.anchor)
+        s = tokenizer_for(session, config.specialist)
+    except ConfigError:
+        return None
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(s)
+
+
+def tokenizer_for(session: Session, spec: ModelSpec) -> Any:
+    """The tokenizer of a model, remembered per source."""
+    key = f"{spec.model}|{spec.tokenizer}"
+    if key not in session.tokenizers:
+        from composer.loading import load_tokenizer
+
+        session.tokenizers[key] = load_tokenizer(spec)
+    return session.tokenizers[key]
+
+
+def pairing_svg(report: PairReport) -> str:
+    """A picture of the layer pairing: anchor layers left, specialist layers right, one line
+    per block (layer 0 at the bottom)."""
+    if not report.pairs:
+        return ""
+    rows = max(report.anchor_layers, report.specialist_layers)
+    step = max(8, min(22, 360 // max(rows, 1)))
+    height, left, right = rows * step + 40, 120, 300
+    paired_a = {a for a, _ in report.pairs}
+    paired_s = {s for _, s in report.pairs}
+
+    def y(layer: int, total: int) -> float:
+        return 20 + (rows - 1 - layer * (rows - 1) / max(total - 1, 1)) * step + step / 2
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="420" height="{height}" '
+        f'role="img" aria-label="layer pairing" id="pairing-svg">',
+        f'<text x="{left}" y="14" text-anchor="middle" font-size="12">anchor</text>',
+        f'<text x="{right}" y="14" text-anchor="middle" font-size="12">specialist</text>',
+    ]
+    for a, s in report.pairs:
+        parts.append(
+            f'<line x1="{left}" y1="{y(a, report.anchor_layers):.1f}" x2="{right}" '
+            f'y2="{y(s, report.specialist_layers):.1f}" stroke="#e07b00" stroke-width="2"/>'
+        )
+    for x, total, paired, anchor_side in (
+        (left, report.anchor_layers, paired_a, True),
+        (right, report.specialist_layers, paired_s, False),
+    ):
+        for layer in range(total):
+            color = "#e07b00" if layer in paired else "#9aa5b1"
+            cy = y(layer, total)
+            parts.append(f'<circle cx="{x}" cy="{cy:.1f}" r="4" fill="{color}"/>')
+            if layer in paired or total <= 16:
+                tx, anchor = (x - 10, "end") if anchor_side else (x + 10, "start")
+                parts.append(
+                    f'<text x="{tx}" y="{cy + 4:.1f}" text-anchor="{anchor}" '
+                    f'font-size="11">{layer}</text>'
+                )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def report_markdown(report: PairReport) -> str:
+    """The report as Markdown (verdict first)."""
+    lines = [
+        "**Compatible**" if report.compatible else "**Not compatible**",
+        "",
+        *[f"- {p}" for p in report.problems],
+        *[f"- {n}" for n in report.notes],
+    ]
+    if report.pairs:
+        share = (
+            f" ({100 * report.bridge_parameters / report.anchor_parameters:.2f}% of the anchor)"
+            if report.anchor_parameters
+            else ""
+        )
+        lines += [
+            "",
+            f"**Bridge:** {len(report.pairs)} block(s), "
+            f"{report.bridge_parameters:,} trainable parameters{share}",
+        ]
+    if report.memory:
+        verdict = {True: "fits", False: "does NOT fit", None: "unknown"}[report.fits]
+        lines += ["", f"**Memory (training):** {verdict}", "```", *report.memory, "```"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class DataView:
+    format: str
+    rows: int
+    preview: list[dict[str, Any]]  # composer.data.preview entries
+    problems: list[tuple[int, str]]  # (1-based row, what is wrong), every row checked
+
+
+def set_data_file(session: Session, path: str) -> dict[str, Any]:
+    """Make ``path`` the recipe's training file."""
+    path = (path or "").strip()
+    data = dict(session.recipe.get("data") or {})
+    if path:
+        data["train"] = str(Path(path).expanduser().resolve())
+    else:
+        data.pop("train", None)
+    session.recipe = {**session.recipe, "data": data}
+    return session.recipe
+
+
+def keep_upload(session: Session, uploaded: str) -> str:
+    """Copy an uploaded file (a temporary path) into the runs folder; returns the new path."""
+    source = Path(uploaded)
+    if not source.is_file():
+        raise ConfigError(f"the uploaded file {source.name!r} is gone; upload it again")
+    session.uploads_dir.mkdir(parents=True, exist_ok=True)
+    target = session.uploads_dir / source.name
+    shutil.copyfile(source, target)
+    return str(target)
+
+
+def preview_data(
+    session: Session, path: str, *, max_length: int | None = None, n: int = 5
+) -> DataView:
+    """Detect the file's format, show its first rows as trained on, and check every row."""
+    from composer.data import detect_format, preview, read_rows, validate_rows
+    from composer.training_config import TrainingConfig
+
+    path = (path or "").strip()
+    if not path:
+        raise ConfigError(
+            "no data file chosen; pick or upload a .jsonl, .json, .csv, .parquet or .txt"
+        )
+    config = current_recipe(session)
+    if max_length is None:
+        max_length = TrainingConfig.from_mapping(config.training).max_length
+    rows = read_rows(path)
+    if not rows:
+        raise ConfigError(f"{path} has no rows; check that you picked the right file")
+    fmt = detect_format(rows, source=path)
+    problems = [(p.row, p.message) for p in validate_rows(rows, fmt, source=path)]
+    tokenizer = tokenizer_for(session, config.anchor)
+    shown = preview(path, tokenizer, max_length=max_length, n=n)
+    return DataView(format=fmt, rows=len(rows), preview=shown, problems=problems)
