@@ -12,9 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from composer.architectures import model_shape
+from composer.atomic import write_folder_atomically
 from composer.bridge import Bridge, BridgeShape
 from composer.config import ConfigError
 from composer.pairing import check_pairs
@@ -164,31 +162,13 @@ or `calm-composer generate composition.yaml --bridge path/to/this/folder --promp
 """
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary folder with ``write`` and move it to ``path`` in one rename."""
-    path = Path(path)
+def _check_replaceable(path: Path) -> None:
+    """Only an earlier bridge folder may be replaced: never a folder holding the user's files."""
     if path.exists() and (not path.is_dir() or (set(os.listdir(path)) - _BRIDGE_FILES)):
         raise ConfigError(
             f"{path} exists and is not a bridge folder; choose a new or empty folder so nothing "
             "of yours is overwritten"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "bridge")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_bridge(composition: Composition, path: str | os.PathLike, *, card_extra: str = "") -> Path:
@@ -217,7 +197,8 @@ def save_bridge(composition: Composition, path: str | os.PathLike, *, card_extra
         (folder / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         (folder / CARD).write_text(model_card(config, card_extra), encoding="utf-8")
 
-    _write_atomically(path, write)
+    _check_replaceable(path)
+    write_folder_atomically(path, write)
     logger.info("saved bridge (%s parameters) to %s", f"{config['num_parameters']:,}", path)
     return path
 

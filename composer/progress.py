@@ -21,11 +21,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from composer.atomic import write_folder_atomically, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +49,6 @@ PROGRESS_KEYS = (
     "peak_memory_bytes",
 )  # plus "eval_loss" on lines where the eval set was scored
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_status(output_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
@@ -145,24 +129,7 @@ def write_checkpoint(
     The rename is the commit point: a folder named ``step-N`` is always complete.
     """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        if target.exists():  # e.g. stopped right after resuming from this very step
-            old = Path(tempfile.mkdtemp(prefix=f".step-{step}.old-", dir=root))
-            os.replace(target, old / "checkpoint")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    target = write_folder_atomically(root / f"step-{step}", write)
     for _, old_folder in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old_folder, ignore_errors=True)
     for leftover in root.glob(".step-*"):  # temporary folders of a killed run

@@ -118,36 +118,34 @@ def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[st
     return rows
 
 
-def kv_subs(
-    rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
+def _keyed_rows(
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str], *, substitute: bool
 ) -> list[dict[str, str]]:
     mapping = task.mapping
     rows = []
     for _ in range(count):
         keys, ops = _expression(rng, task, pool)
-        rows.append(
-            {
-                "prompt": _join(keys, ops) + "=",
-                "completion": _join([task.operand(mapping[k]) for k in keys], ops),
-            }
-        )
+        values = [mapping[k] for k in keys]
+        if substitute:
+            completion = _join([task.operand(v) for v in values], ops)
+        else:
+            completion = task.answer(evaluate(values, ops))
+        rows.append({"prompt": _join(keys, ops) + "=", "completion": completion})
     return rows
+
+
+def kv_subs(
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
+) -> list[dict[str, str]]:
+    """Expressions over keys from ``pool`` -> the same expressions with the values written in."""
+    return _keyed_rows(rng, task, count, pool, substitute=True)
 
 
 def kv_math(
     rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
 ) -> list[dict[str, str]]:
-    mapping = task.mapping
-    rows = []
-    for _ in range(count):
-        keys, ops = _expression(rng, task, pool)
-        rows.append(
-            {
-                "prompt": _join(keys, ops) + "=",
-                "completion": task.answer(evaluate([mapping[k] for k in keys], ops)),
-            }
-        )
-    return rows
+    """Expressions over keys from ``pool`` -> their value."""
+    return _keyed_rows(rng, task, count, pool, substitute=False)
 
 
 def key_lines(task: KeyValueTask) -> list[dict[str, str]]:
