@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 Rows = list[dict[str, str]]
 
 
-def small_llama(*, vocab_size: int, width: int, layers: int, heads: int, seed: int) -> LlamaForCausalLM:
+def small_llama(
+    *, vocab_size: int, width: int, layers: int, heads: int, seed: int
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
