@@ -11,8 +11,8 @@ Every number is written little-endian at a fixed width: least significant digit 
 with zeros to the width of N (operands) or one more digit (answers), so 12 + 345 = 357 reads
 "210+543=7530". A digit's place is then always at the same offset and carries flow in reading
 order, which small transformers learn far faster; exact match parses the numbers back.
-The keys are split into
-held-in keys (the bridge's training data uses only these) and held-out keys (evaluation only).
+The keys are split into held-in keys (the bridge's training data uses only these) and held-out
+keys (evaluation only).
 """
 
 from __future__ import annotations
