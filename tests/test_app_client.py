@@ -100,6 +100,9 @@ def test_start_poll_stop(app):
             break
         time.sleep(0.5)
     assert len(steps) >= 2, status
+    # A refreshed page (or a second tab) reconnects to the running job.
+    page = client.predict(api_name="/load_page")
+    assert any(isinstance(v, dict) and v.get("value") == run for v in page)
     assert "tokens/s" in stats and "loss" in stats
     assert {row[2] for row in plot["data"]} >= {"raw", "smoothed"}
     assert "step" in log
@@ -125,6 +128,8 @@ def test_chat_streams_compare_and_export(app, tmp_path):
     assert box == "" and messages[0] == {"role": "user", "content": "12+3="}
     assert messages[-1]["role"] == "assistant" and messages[-1]["content"]
     assert len(outputs) > 2  # streamed in pieces
+    again = client.predict(history, "", *settings, api_name="/regenerate")
+    assert flatten_history(again) == messages  # greedy: the same reply again
     anchor, specialist, composed = client.predict("12+3=", "", *settings, api_name="/compare")
     assert composed == anchor  # a new bridge: the composition is exactly the anchor
     assert specialist != anchor
@@ -137,3 +142,30 @@ def test_chat_streams_compare_and_export(app, tmp_path):
     assert loaded.endswith(str(Path(folder).resolve()))
     with pytest.raises(Exception, match="no Hugging Face token|could not push"):
         client.predict(folder, "me/bridge", True, api_name="/push_to_hub")
+
+
+def test_errors_become_page_messages(caplog):
+    import gradio as gr
+
+    from app.ui import guard
+    from composer.config import ConfigError
+
+    def user_mistake():
+        raise ConfigError("bridge.every is 0; expected a whole number >= 1")
+
+    def bug():
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    def streaming():
+        yield "partial"
+        raise ConfigError("stopped half way")
+
+    with pytest.raises(gr.Error) as error:
+        guard(user_mistake)()
+    assert error.value.message == "bridge.every is 0; expected a whole number >= 1"
+    with caplog.at_level("ERROR"), pytest.raises(gr.Error) as error:
+        guard(bug)()
+    assert error.value.message.startswith("ZeroDivisionError: division by zero (")
+    assert "Traceback" in caplog.text and "second line" not in error.value.message
+    with pytest.raises(gr.Error, match="stopped half way"):
+        list(guard(streaming)())

@@ -169,6 +169,14 @@ def test_uploaded_and_broken_files(session, tmp_path):
         recipe.preview_data(session, "")
 
 
+def test_known_data_files_are_the_presets_and_the_uploads(session, tmp_path):
+    assert recipe.data_files(session) == [session.recipe["data"]["train"]]
+    mine = tmp_path / "mine.csv"
+    mine.write_text("text\nhello\n")
+    kept = recipe.keep_upload(session, str(mine))
+    assert recipe.data_files(session) == [session.recipe["data"]["train"], kept]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training runs
 
@@ -197,6 +205,7 @@ def test_start_stop_resume_finish(session):
     with pytest.raises(ConfigError, match="'r1' is still training"):
         runs.start_training(session, run_name="r2", hyperparameters={})
     view = wait_for(session, name, ("running",))
+    assert "'r1' is running on this machine" in chat.training_notice(session)
     deadline = time.monotonic() + 90
     while runs.run_view(session, name).step < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -218,6 +227,8 @@ def test_start_stop_resume_finish(session):
     assert ("run r1", str(folder / "bridge")) in bridges.bridge_choices(session)
     with pytest.raises(ConfigError, match="has finished"):
         runs.resume_training(session, name)
+    session.processes[name].wait(timeout=30)
+    assert chat.training_notice(session) is None
 
 
 def test_a_failed_process_shows_its_reason(session):

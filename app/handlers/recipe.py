@@ -15,6 +15,8 @@ from composer.config import CompositionConfig, ConfigError, ModelSpec
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+# What composer.data reads (importing it here would load torch at start-up).
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 def preset_choices(session: Session) -> list[tuple[str, str]]:
@@ -318,6 +320,22 @@ def set_data_file(session: Session, path: str) -> dict[str, Any]:
         data.pop("train", None)
     session.recipe = {**session.recipe, "data": data}
     return session.recipe
+
+
+def data_files(session: Session) -> list[str]:
+    """Files to pick from: the presets' training and eval files, then uploaded files."""
+    found: dict[str, None] = {}
+    for preset in session.presets:
+        for key in ("train", "eval"):
+            value = preset.config.data.get(key)
+            if isinstance(value, str) and Path(value).is_file():
+                found[value] = None
+    if session.uploads_dir.is_dir():
+        for path in sorted(session.uploads_dir.iterdir()):
+            name = path.name.lower().removesuffix(".gz")
+            if path.is_file() and name.endswith(DATA_SUFFIXES):
+                found[str(path)] = None
+    return list(found)
 
 
 def keep_upload(session: Session, uploaded: str) -> str:

@@ -15,6 +15,7 @@ from app.ui import MODEL_GROUP, guard
 from composer.config import ConfigError
 
 MODEL_EVENT = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+EMPTY_REPLY = "*(no text: the model ended its reply at once)*"
 
 
 def build(session: Session) -> SimpleNamespace:
@@ -107,7 +108,7 @@ def build(session: Session) -> SimpleNamespace:
         reply = ""
         for reply in chat.stream_reply(session, messages, chat_settings(values)):
             yield [*messages, {"role": "assistant", "content": reply}], ""
-        yield [*messages, {"role": "assistant", "content": reply}], ""
+        yield [*messages, {"role": "assistant", "content": reply or EMPTY_REPLY}], ""
 
     def again(
         history: list[dict[str, Any]] | None, choice: str | None, *values: Any
@@ -121,7 +122,7 @@ def build(session: Session) -> SimpleNamespace:
         reply = ""
         for reply in chat.stream_reply(session, messages, chat_settings(values)):
             yield [*messages, {"role": "assistant", "content": reply}]
-        yield [*messages, {"role": "assistant", "content": reply}]
+        yield [*messages, {"role": "assistant", "content": reply or EMPTY_REPLY}]
 
     def side_by_side(text: str, choice: str | None, *values: Any) -> Iterator[tuple[str, str, str]]:
         if not (text or "").strip():

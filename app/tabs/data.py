@@ -23,6 +23,12 @@ def build(session: Session) -> SimpleNamespace:
             scale=4,
         )
         show = gr.Button("Preview", variant="primary", elem_id="preview-data", scale=1)
+    known = gr.Dropdown(
+        label="or pick a known file (the presets' data and your uploads)",
+        choices=recipe.data_files(session),
+        value=None,
+        elem_id="data-known",
+    )
     upload = gr.File(
         label="or upload a file",
         file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz"],
@@ -75,7 +81,10 @@ def build(session: Session) -> SimpleNamespace:
             return gr.skip()
         return recipe.keep_upload(session, file)
 
+    known.input(lambda choice: choice, known, path, api_name="pick_data").then(
+        guard(preview), path, outputs, api_name="preview_picked_data"
+    )
     upload.upload(guard(uploaded), upload, path, api_name="upload_data").then(
         guard(preview), path, outputs, api_name="preview_uploaded_data"
     )
-    return SimpleNamespace(path=path, outputs=outputs, preview=guard(preview))
+    return SimpleNamespace(path=path, known=known, outputs=outputs, preview=guard(preview))
