@@ -53,6 +53,7 @@ class Session:
     loaded: Loaded | None = None
     current_run: str | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # run name -> process
+    stopping: set[str] = field(default_factory=set)  # runs already sent their one SIGTERM
     model_lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # stops a reply
     tokenizers: dict[str, Any] = field(default_factory=dict)  # for data previews, by model

@@ -231,6 +231,15 @@ def test_start_stop_resume_finish(session):
     assert chat.training_notice(session) is None
 
 
+def test_a_run_stopped_while_it_starts_is_stopped_not_failed(session):
+    name = runs.start_training(session, run_name="early", hyperparameters={})
+    runs.stop_training(session, name)  # before it has loaded anything
+    runs.stop_training(session, name)  # a second press sends no second signal
+    view = wait_for(session, name, ("stopped", "failed"), timeout=60)
+    assert view.state == "stopped", view.reason
+    assert session.processes[name].wait(timeout=30) is not None
+
+
 def test_a_failed_process_shows_its_reason(session):
     session.train_command = [sys.executable, "-c", "import sys; print('boom: no GPU'); exit(1)"]
     name = runs.start_training(session, run_name="fails", hyperparameters={})

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -197,10 +198,16 @@ def _launch(session: Session, name: str) -> None:
             start_new_session=True,  # a Ctrl-C in the app's terminal does not kill the run
         )
     session.current_run = name
+    session.stopping.discard(name)
 
 
 def stop_training(session: Session, run_name: str) -> str:
-    """Ask the run to checkpoint and stop (creates runs/NAME/STOP)."""
+    """Ask the run to checkpoint and stop: runs/NAME/STOP, and one SIGTERM to its process.
+
+    The signal also reaches a run that is still loading its models (the trainer clears a STOP
+    file it finds when it starts). It is sent once: a second signal would interrupt the run
+    without a checkpoint.
+    """
     name = _check_run_name(run_name)
     folder = session.runs_dir / name
     if not folder.is_dir():
@@ -209,6 +216,16 @@ def stop_training(session: Session, run_name: str) -> str:
     if view.state not in ("starting", "running", "stopping"):
         raise ConfigError(f"run {name!r} is not running (it is {view.state})")
     (folder / progress.STOP).touch()
+    if name not in session.stopping:
+        session.stopping.add(name)
+        process = session.processes.get(name)
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+        else:  # a run started by an earlier app
+            pid = (progress.read_status(folder) or {}).get("pid")
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGTERM)
     return name
 
 
@@ -259,14 +276,19 @@ def run_view(session: Session, run_name: str | None, *, log_lines: int = 20) -> 
     exit_code = process.poll() if process is not None else None
     view = RunView(name=run_name, state=(status or {}).get("state", "starting"), records=records)
     if status is None:
-        if process is None or exit_code is not None:
-            view.state = "failed" if process is not None else "none"
-            view.reason = _exit_reason(folder, exit_code) if process is not None else ""
+        gone = process is not None and exit_code is not None
+        if process is None:
+            view.state = "none"
     elif view.state in ("running", "stopping"):
         gone = exit_code is not None if process is not None else not _pid_alive(status.get("pid"))
-        if gone:
-            view.state = "failed"
-            view.reason = _exit_reason(folder, exit_code)
+    else:
+        gone = False
+    if gone and run_name in session.stopping:  # stopped while loading, before its first step
+        view.state = "stopped"
+        view.reason = "stopped before its first step; press Resume to start it again"
+    elif gone:  # the process ended without saying so: it crashed or was killed
+        view.state = "failed"
+        view.reason = _exit_reason(folder, exit_code)
     if status:
         view.reason = view.reason or status.get("reason") or ""
         view.step = int(status.get("step") or 0)
