@@ -381,6 +381,8 @@ def test_save_archive_and_load_back(loaded, tmp_path):
     summary = bridges.load_bridge(loaded, archive=archive)
     assert "bridge: " in summary and str(loaded.uploads_dir) in summary
     assert bridges.load_bridge(loaded, folder=folder).endswith(str(Path(folder).resolve()))
+    assert not chat.needs_loading(loaded, bridge=str(Path(folder).resolve()))
+    assert chat.needs_loading(loaded, bridge=chat.NEW_BRIDGE)  # the chat would switch back
 
 
 def test_a_bridge_for_other_models_is_refused_with_the_reason(loaded, tmp_path):

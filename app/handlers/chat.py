@@ -43,6 +43,17 @@ def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE) -> str:
     return describe_loaded(session)
 
 
+def needs_loading(session: Session, *, bridge: str | None = NEW_BRIDGE) -> bool:
+    """Whether :func:`load_models` would load anything (other models or another bridge)."""
+    loaded = session.loaded
+    if loaded is None or loaded.bridge != (bridge or NEW_BRIDGE):
+        return True
+    try:
+        return loaded.key != _models_key(current_recipe(session))
+    except ConfigError:
+        return True
+
+
 def describe_loaded(session: Session) -> str:
     if session.loaded is None:
         return "no models loaded"

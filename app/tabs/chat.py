@@ -92,8 +92,8 @@ def build(session: Session) -> SimpleNamespace:
         notice = chat.training_notice(session)
         if notice:
             gr.Warning(notice)
-        if session.loaded is None:
-            gr.Info("loading the models first")
+        if chat.needs_loading(session, bridge=choice):
+            gr.Info("loading the models and the chosen bridge first")
             chat.load_models(session, bridge=choice)
 
     def respond(
@@ -159,8 +159,11 @@ def build(session: Session) -> SimpleNamespace:
     load.click(guard(load_models), bridge, loaded, api_name="load_models", **MODEL_EVENT)
 
     def refresh_bridges(choice: str | None) -> Any:
+        """The choices now; the selection follows what is loaded (e.g. from the Export tab)."""
         choices = bridges.bridge_choices(session)
         values = {value for _, value in choices}
+        if session.loaded is not None:
+            choice = session.loaded.bridge
         return gr.Dropdown(choices=choices, value=choice if choice in values else chat.NEW_BRIDGE)
 
     refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
