@@ -169,3 +169,13 @@ def test_errors_become_page_messages(caplog):
     assert "Traceback" in caplog.text and "second line" not in error.value.message
     with pytest.raises(gr.Error, match="stopped half way"):
         list(guard(streaming)())
+
+
+def test_uploads(app, tmp_path):
+    demo, client = app
+    mine = tmp_path / "mine.csv"
+    mine.write_text("prompt,completion\n1+1=,2\n2+2=,\n")
+    kept = client.predict(gradio_client.handle_file(str(mine)), api_name="/upload_data")
+    assert Path(kept).parent == demo.calm_session.uploads_dir and Path(kept).name == "mine.csv"
+    summary, _, problems = client.predict(kept, api_name="/preview_data")
+    assert "prompt_completion" in summary and problems["data"] == [[2, "'completion' is empty"]]
