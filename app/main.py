@@ -21,11 +21,6 @@ from app.ui import guard
 
 logger = logging.getLogger(__name__)
 
-CSS = """
-.calm-progress progress { accent-color: #e07b00; }
-#train-progress-label { font-variant-numeric: tabular-nums; margin-top: 4px; }
-"""
-
 
 def build_app(
     *,
@@ -44,7 +39,7 @@ def build_app(
         models_dir=models_dir,
         train_command=train_command,
     )
-    with gr.Blocks(title="calm-composer") as demo:
+    with gr.Blocks(title="calm-composer", analytics_enabled=False) as demo:
         gr.Markdown(
             "# calm-composer\nCompose a frozen **anchor** model with a frozen **specialist** "
             "through a small trainable **bridge** (CALM, arXiv 2401.02412)."

@@ -162,7 +162,7 @@ def progress_html(view: runs.RunView) -> str:
         f'<div class="calm-progress" data-state="{html.escape(view.state)}" '
         f'data-step="{view.step}">'
         f'<progress id="train-progress-bar" max="100" value="{percent:.1f}" '
-        f'style="width:100%;height:18px"></progress>'
+        f'style="width:100%;height:18px;accent-color:#e07b00"></progress>'
         f'<div id="train-progress-label">{html.escape(label)}</div></div>'
     )
 
