@@ -135,10 +135,20 @@ def test_set_models_keeps_the_preset_sections_and_validates_numbers(session):
         recipe.set_models(session, anchor="a", specialist="b", every=-1)
 
 
-def test_models_folder_listing(session, presets):
-    found = recipe.list_local_models(presets / "models", hf_cache=False)
-    assert found == [str(presets / "models" / "anchor"), str(presets / "models" / "specialist")]
-    assert recipe.list_local_models(presets / "nowhere", hf_cache=False) == []
+def test_models_folder_listing(presets, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(presets / "models", models / "pico")
+    (models / "gguf" / "deep").mkdir(parents=True)
+    (models / "gguf" / "deep" / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    (models / "a" / "b" / "c" / "too-deep").mkdir(parents=True)
+    (models / "a" / "b" / "c" / "too-deep" / "config.json").write_text("{}")
+    found = recipe.list_local_models(models, hf_cache=False)
+    assert found == [
+        str(models / "gguf" / "deep" / "tiny.Q4_K_M.gguf"),
+        str(models / "pico" / "anchor"),
+        str(models / "pico" / "specialist"),
+    ]
+    assert recipe.list_local_models(tmp_path / "nowhere", hf_cache=False) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ loaded: configs only), and the training data file with its preview."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,15 +96,16 @@ def list_local_models(models_dir: Path, *, hf_cache: bool = True) -> list[str]:
     """Model folders (with config.json) and .gguf files under ``models_dir``, then hub ids in the
     Hugging Face cache. Nothing is loaded."""
     found: list[str] = []
-    if models_dir.is_dir():
-        for path in sorted(models_dir.rglob("*")):
-            depth = len(path.relative_to(models_dir).parts)
-            if depth > 3:
-                continue
-            if path.is_file() and path.suffix.lower() == ".gguf":
-                found.append(str(path))
-            elif path.is_dir() and (path / "config.json").is_file():
-                found.append(str(path))
+    for folder, subfolders, files in os.walk(models_dir):
+        here = Path(folder)
+        if "config.json" in files and here != models_dir:
+            found.append(str(here))
+            subfolders.clear()  # a model folder's own subfolders hold no other models
+        found += [str(here / f) for f in files if f.lower().endswith(".gguf")]
+        if len(here.relative_to(models_dir).parts) >= 3:
+            subfolders.clear()  # look 3 levels deep at most
+        subfolders.sort()
+    found.sort()
     if hf_cache:
         found += hub_cache_models()
     return found
