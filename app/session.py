@@ -57,6 +57,7 @@ class Session:
     model_lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # stops a reply
     tokenizers: dict[str, Any] = field(default_factory=dict)  # for data previews, by model
+    model_configs: dict[str, Any] = field(default_factory=dict)  # read configs, by source
 
     @classmethod
     def create(

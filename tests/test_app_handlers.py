@@ -96,6 +96,26 @@ def test_check_pair_shows_pairs_size_and_memory_without_loading(session):
     assert svg.count("<line") == len(report.pairs)
 
 
+def test_the_memory_estimate_is_composer_memory_plan(session):
+    from composer.memory import plan
+
+    config = recipe.current_recipe(session)
+    configs = {
+        r: recipe.model_config(session, getattr(config, r)) for r in ("anchor", "specialist")
+    }
+    from composer.composition import bridge_shape_for
+
+    shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
+    ours, theirs = recipe.training_plan(config, configs, shape), plan(config)
+    assert ours.components == theirs.components
+    assert (ours.bridge_parameters, ours.batch_size, ours.max_length) == (
+        theirs.bridge_parameters,
+        theirs.batch_size,
+        theirs.max_length,
+    )
+    assert recipe.model_config(session, config.anchor) is configs["anchor"]  # read once
+
+
 def test_incompatible_pairs_say_why(session, tmp_path):
     from composer.chartok import build_char_tokenizer
     from tests.conftest import pico_qwen2

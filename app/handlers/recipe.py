@@ -3,6 +3,7 @@ loaded: configs only), and the training data file with its preview."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -150,7 +151,6 @@ def check_pair(session: Session) -> PairReport:
     files, unknown architectures, different vocabularies) are reported in ``problems``.
     """
     from composer.architectures import model_shape
-    from composer.loading import load_config
 
     config = current_recipe(session)
     report = PairReport(compatible=False)
@@ -158,7 +158,7 @@ def check_pair(session: Session) -> PairReport:
     for role in ("anchor", "specialist"):
         spec: ModelSpec = getattr(config, role)
         try:
-            configs[role] = load_config(spec)
+            configs[role] = model_config(session, spec)
         except ConfigError as exc:
             report.problems.append(f"{role}: {exc}")
             continue
@@ -189,7 +189,7 @@ def check_pair(session: Session) -> PairReport:
             checked = "identical tokenizers" if same else "tokenizers compared when loading"
             report.notes.append(f"vocabulary: shared, {anchor.vocab_size:,} tokens ({checked})")
     from composer.composition import bridge_shape_for
-    from composer.memory import count_parameters, plan
+    from composer.memory import count_parameters
 
     try:
         shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
@@ -200,12 +200,78 @@ def check_pair(session: Session) -> PairReport:
     report.bridge_parameters = shape.num_parameters()
     report.anchor_parameters = count_parameters(configs["anchor"]).total
     try:
-        estimate = plan(config)
+        estimate = training_plan(config, configs, shape)
         report.memory, report.fits = estimate.format(), estimate.fits
     except ConfigError as exc:
         report.memory = [f"no memory estimate: {exc}"]
     report.compatible = not report.problems
     return report
+
+
+def model_config(session: Session, spec: ModelSpec) -> Any:
+    """A model's transformers config (composer.loading.load_config), remembered per source:
+    reading a GGUF file's config takes seconds."""
+    from composer.loading import load_config
+
+    path = Path(os.path.expanduser(spec.model))
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    key = json.dumps([spec.model, spec.revision, spec.trust_remote_code, stamp])
+    if key not in session.model_configs:
+        session.model_configs[key] = load_config(spec)
+    return session.model_configs[key]
+
+
+def training_plan(config: CompositionConfig, configs: dict[str, Any], shape: Any) -> Any:
+    """composer.memory.plan for configs already read (plan() would read both again)."""
+    import torch
+
+    from composer.loading import resolve_dtype
+    from composer.memory import (
+        Plan,
+        count_parameters,
+        probe_device,
+        training_peak_bytes,
+        weight_bytes,
+    )
+    from composer.training_config import TrainingConfig
+
+    training = TrainingConfig.from_mapping(config.training)
+    target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    components: list[tuple[str, int, str]] = []
+    dtypes = {}
+    for role in ("anchor", "specialist"):
+        spec = getattr(config, role)
+        dtype = dtypes[role] = str(resolve_dtype(spec.dtype, target)).removeprefix("torch.")
+        count = count_parameters(configs[role])
+        size = weight_bytes(count, quantization=spec.quantization, dtype=dtype)
+        components.append(
+            (f"{role} weights", size, f"{count.total:,} parameters, {spec.quantization}, {dtype}")
+        )
+    bf16 = training.bf16 is True or (training.bf16 == "auto" and target.type == "cuda")
+    step = training_peak_bytes(
+        configs["anchor"],
+        shape,
+        batch_size=training.batch_size,
+        max_length=training.max_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        activation_bytes=2 if bf16 or dtypes["anchor"] != "float32" else 4,
+        optimizer=training.optimizer if target.type == "cuda" else "adamw",
+        bridge_dtype=config.bridge.dtype,
+    )
+    checkpointing = "on" if training.gradient_checkpointing else "off"
+    components += [
+        ("bridge + grads + optimizer", step.bridge, f"{training.optimizer}, {config.bridge.dtype}"),
+        ("anchor activations", step.anchor_activations, f"gradient checkpointing {checkpointing}"),
+        ("bridge activations", step.bridge_activations, f"{len(shape.pairs)} block(s)"),
+        ("logits", step.logits, "logits, float32 copy and gradient"),
+    ]
+    return Plan(
+        device=probe_device(target),
+        components=tuple(components),
+        bridge_parameters=shape.num_parameters(),
+        batch_size=training.batch_size,
+        max_length=training.max_length,
+    )
 
 
 def _same_tokenizer(session: Session, config: CompositionConfig) -> bool | None:
