@@ -7,7 +7,6 @@ separate process that the Train tab tails.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ from app.handlers.chat import NEW_BRIDGE, describe_loaded
 from app.session import Session
 from app.tabs import chat, compose, data, export, train
 from app.ui import guard
-
-logger = logging.getLogger(__name__)
 
 
 def build_app(

@@ -25,12 +25,14 @@ def presets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def session(presets, tmp_path) -> Session:
-    return Session.create(
+def session(presets, tmp_path):
+    session = Session.create(
         presets_dir=presets,
         runs_dir=tmp_path / "runs",
         models_dir=presets / "models",
     )
+    yield session
+    session.close()  # stops any training process a failed test left behind
 
 
 @pytest.fixture(scope="module")
