@@ -145,12 +145,19 @@ def test_the_whole_app_in_a_browser(served, page, shots):
     page.get_by_role("tab", name="Chat").click()
     page.get_by_test_id("load-models").click()
     expect(page.get_by_test_id("models-status")).to_contain_text("loaded", timeout=90_000)
+    tokens = page.get_by_test_id("max-new-tokens").locator("input[type=number]")
+    tokens.fill("300")  # long enough to watch it stream
+    tokens.press("Enter")
     field(page, "chat-input").fill("12+3=")
     page.get_by_test_id("send").click()
     bot = page.get_by_test_id("chatbot").locator("[data-testid='bot']").last
     expect(bot).not_to_be_empty(timeout=60_000)
-    wait_until(lambda: not session.model_lock.locked(), what="the reply to finish")
-    assert bot.inner_text().strip()
+    lengths = set()
+    while session.model_lock.locked() or not lengths:
+        lengths.add(len(bot.inner_text().strip()))
+        time.sleep(0.05)
+    lengths.add(len(bot.inner_text().strip()))
+    assert len(lengths - {0}) >= 2, f"the reply did not stream: lengths seen {sorted(lengths)}"
     expect(page.get_by_test_id("chatbot")).to_contain_text("12+3=")
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
