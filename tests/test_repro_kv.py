@@ -43,7 +43,7 @@ def test_bridge_data_uses_only_held_in_keys():
 
 
 def test_harness_runs_end_to_end_at_toy_size(tmp_path):
-    tiny = ModelSize(width=32, layers=2, steps=5, batch_size=8, lr=1e-3)
+    tiny = ModelSize(width=32, layers=2, heads=2, steps=5, batch_size=8, lr=1e-3)
     settings = replace(
         KVSettings(),
         num_keys=30,

@@ -23,7 +23,7 @@ Rows = list[dict[str, str]]
 
 
 def small_llama(
-    *, vocab_size: int, width: int, layers: int, heads: int, seed: int
+    *, vocab_size: int, width: int, layers: int, heads: int, seed: int, tie_embeddings: bool = True
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -37,7 +37,7 @@ def small_llama(
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_embeddings,
     )
     return LlamaForCausalLM(config)
 
