@@ -62,11 +62,14 @@ def main() -> None:
     parser.add_argument("--specialist", default="384x12", help="WIDTHxLAYERS of the specialist")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--skip-recompute", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument(
         "--write", action="store_true", help="append the table to docs/BENCHMARKS.md"
     )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     aw, al = map(int, args.anchor.split("x"))
     sw, sl = map(int, args.specialist.split("x"))
@@ -103,7 +106,8 @@ def main() -> None:
         f"### Decode speed ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {describe()}. Command: `python benchmarks/decode_speed.py "
-        f"--new-tokens {n} --anchor {args.anchor} --specialist {args.specialist}`.",
+        f"--new-tokens {n} --anchor {args.anchor} --specialist {args.specialist}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`.",
         f"Anchor Llama {args.anchor} ({non_embedding_params(anchor) / 1e6:.1f}M non-embedding), "
         f"specialist {args.specialist} ({non_embedding_params(specialist) / 1e6:.1f}M, "
         f"{size_ratio:.2f}x the anchor), vocab {args.vocab}, {len(composition.pairs)} blocks, "

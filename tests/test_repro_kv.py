@@ -56,7 +56,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         bridge_batch_size=4,
         train_rows=40,
         eval_rows=4,
-        variants=("subs", "no_mask", "lora"),
+        variants=("subs", "worked", "no_mask", "lora"),
     )
     results = run(settings, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -64,6 +64,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         "specialist",
         "anchor",
         "CALM (KV-SUBS data)",
+        "CALM (worked KV-MATH data)",
         "no causal mask",
         "LoRA",
     }

@@ -9,6 +9,7 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   specialist / anchor      each model alone
   CALM (KV-SUBS data)      bridge trained on held-in KV-SUBS + 20% NUM-MATH
   CALM (KV-MATH data)      bridge trained on held-in KV-MATH + 20% NUM-MATH
+  CALM (worked KV-MATH)    bridge trained on "keys -> values written in = number" (ours)
   random specialist        CALM (KV-SUBS data) with an untrained specialist of the same shape
   no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
   LoRA                     LoRA on the anchor with about as many parameters, same data
@@ -70,7 +71,7 @@ class KVSettings:
     num_math_share: float = 0.2  # keeps the anchor's arithmetic while the bridge trains
     train_rows: int = 20000
     eval_rows: int = 200
-    variants: tuple[str, ...] = ("subs", "math", "random_specialist", "no_mask", "lora")
+    variants: tuple[str, ...] = ("subs", "math", "worked", "random_specialist", "no_mask", "lora")
     threads: int = 0  # 0: leave torch's default
 
 
@@ -158,7 +159,7 @@ def bridge_rows(
     rng = random.Random(seed)
     held_in = sorted(task.held_in)
     n_math = round(count * num_math_share)
-    make = kv.kv_math if variant == "math" else kv.kv_subs
+    make = {"math": kv.kv_math, "worked": kv.kv_worked}.get(variant, kv.kv_subs)
     rows = make(rng, task, count - n_math, held_in) + kv.num_math(rng, task, n_math)
     rng.shuffle(rows)
     return rows
@@ -170,8 +171,9 @@ def exact_match(
     rows: list[dict[str, str]],
     *,
     batch_size: int = 100,
+    part: Callable[[str], str] = lambda text: text,
 ) -> float:
-    """Share of rows whose greedy completion equals the expected one exactly."""
+    """Share of rows whose greedy completion (or the ``part`` of it scored) is exactly right."""
     tokenizer.padding_side = "left"
     hits = 0
     for start in range(0, len(rows), batch_size):
@@ -182,7 +184,7 @@ def exact_match(
         with torch.no_grad():
             out = generate(enc.input_ids, enc.attention_mask)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        hits += sum(t.strip() == r["completion"] for t, r in zip(texts, chunk, strict=True))
+        hits += sum(part(t.strip()) == r["completion"] for t, r in zip(texts, chunk, strict=True))
     return hits / len(rows)
 
 
@@ -200,11 +202,28 @@ def _max_new(rows: list[dict[str, str]]) -> int:
     return max(len(r["completion"]) for r in rows) + 1
 
 
-def _score(generate_for: Callable[[int], Callable], tokenizer: Any, sets: dict) -> dict[str, float]:
-    return {
-        name: exact_match(generate_for(_max_new(rows)), tokenizer, rows)
-        for name, rows in sets.items()
-    }
+# A worked answer "210+543=7530" is scored on its substitution for KV-SUBS and on its final
+# number for KV-MATH; NUM-MATH prompts get a plain answer.
+_WORKED_PART = {
+    "KV-SUBS": lambda text: text.split("=")[0],
+    "KV-MATH": lambda text: text.split("=")[-1],
+    "NUM-MATH": lambda text: text,
+}
+
+
+def _score(
+    generate_for: Callable[[int], Callable], tokenizer: Any, sets: dict, *, worked: bool = False
+) -> dict[str, float]:
+    scores = {}
+    for name, rows in sets.items():
+        if worked:
+            length = 2 * max(len(r["completion"]) for r in sets["KV-SUBS"]) + 2
+            scores[name] = exact_match(
+                generate_for(length), tokenizer, rows, part=_WORKED_PART[name]
+            )
+        else:
+            scores[name] = exact_match(generate_for(_max_new(rows)), tokenizer, rows)
+    return scores
 
 
 def _hf_generator(model: torch.nn.Module) -> Callable[[int], Callable]:
@@ -348,7 +367,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
 
     for variant in settings.variants:
         clock = time.perf_counter()
-        data_variant = "math" if variant == "math" else "subs"
+        data_variant = variant if variant in ("math", "worked") else "subs"
         rows = bridge_rows(
             task,
             data_variant,
@@ -387,10 +406,13 @@ def run(settings: KVSettings, output: str | Path) -> Results:
         column = {
             "subs": "CALM (KV-SUBS data)",
             "math": "CALM (KV-MATH data)",
+            "worked": "CALM (worked KV-MATH data)",
             "random_specialist": "random specialist",
             "no_mask": "no causal mask",
         }[variant]
-        results.accuracy[column] = _score(_composition_generator(composition), tokenizer, sets)
+        results.accuracy[column] = _score(
+            _composition_generator(composition), tokenizer, sets, worked=variant == "worked"
+        )
         results.train_loss[column] = loss
         results.seconds[column] = time.perf_counter() - clock
         logger.info("%s: %s", column, results.accuracy[column])

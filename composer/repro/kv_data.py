@@ -120,17 +120,18 @@ def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[st
 
 
 def _keyed_rows(
-    rng: random.Random, task: KeyValueTask, count: int, pool: list[str], *, substitute: bool
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str], *, mode: str
 ) -> list[dict[str, str]]:
     mapping = task.mapping
     rows = []
     for _ in range(count):
         keys, ops = _expression(rng, task, pool)
         values = [mapping[k] for k in keys]
-        if substitute:
-            completion = _join([task.operand(v) for v in values], ops)
-        else:
-            completion = task.answer(evaluate(values, ops))
+        substituted = _join([task.operand(v) for v in values], ops)
+        answer = task.answer(evaluate(values, ops))
+        completion = {"subs": substituted, "math": answer, "worked": f"{substituted}={answer}"}[
+            mode
+        ]
         rows.append({"prompt": _join(keys, ops) + "=", "completion": completion})
     return rows
 
@@ -139,14 +140,25 @@ def kv_subs(
     rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
 ) -> list[dict[str, str]]:
     """Expressions over keys from ``pool`` -> the same expressions with the values written in."""
-    return _keyed_rows(rng, task, count, pool, substitute=True)
+    return _keyed_rows(rng, task, count, pool, mode="subs")
 
 
 def kv_math(
     rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
 ) -> list[dict[str, str]]:
     """Expressions over keys from ``pool`` -> their value."""
-    return _keyed_rows(rng, task, count, pool, substitute=False)
+    return _keyed_rows(rng, task, count, pool, mode="math")
+
+
+def kv_worked(
+    rng: random.Random, task: KeyValueTask, count: int, pool: list[str]
+) -> list[dict[str, str]]:
+    """KV-MATH with the substitution written out first: "ab+cde=" -> "210+543=7530".
+
+    Our addition to the paper's two formats: the bridge only has to write the values in (what
+    transfers to unseen keys); the anchor then does the arithmetic it knows on visible numbers.
+    """
+    return _keyed_rows(rng, task, count, pool, mode="worked")
 
 
 def key_lines(task: KeyValueTask) -> list[dict[str, str]]:
