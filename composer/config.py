@@ -250,6 +250,8 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> CompositionCon
         raise ConfigError(f"recipe {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
     if isinstance(data, Mapping):
         data = resolve_model_paths(data, base=path.parent)
+        if isinstance(data.get("default"), bool):
+            del data["default"]  # a preset's "open this one first" flag (composer.presets)
     return CompositionConfig.from_dict(data)
 
 

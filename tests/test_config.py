@@ -161,3 +161,9 @@ def test_recipe_model_paths_resolve_against_the_recipe_folder(tmp_path):
     config = read_recipe(recipe)
     assert config.anchor.model == str((tmp_path / "models" / "small").resolve())
     assert config.specialist.model == "org/hub-model"  # not a path beside the recipe: a hub id
+
+
+def test_a_preset_file_is_a_recipe(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("default: true\nanchor: org/a\nspecialist: org/b\n")
+    assert read_recipe(preset).anchor.model == "org/a"
