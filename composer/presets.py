@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.config import CompositionConfig, ConfigError
+from composer.config import CompositionConfig, ConfigError, resolve_model_paths
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +37,6 @@ class Preset:
         return self.config.name or self.id
 
 
-def _resolve_model(value: str, base: Path) -> str:
-    """A model path relative to ``base``, or the value unchanged when it is a hub id.
-
-    Relative values are resolved when they look like a path (``./x``, ``../x``, a ``.gguf``
-    file) or name something that exists beside the preset; ``owner/name`` stays a hub id.
-    """
-    path = Path(os.path.expanduser(value))
-    if path.is_absolute():
-        return str(path)
-    candidate = base / path
-    looks_local = value.startswith(("./", "../")) or value.lower().endswith(".gguf")
-    if looks_local or candidate.exists():
-        return str(candidate.resolve())
-    return value
-
-
 def _resolve_file(value: Any, base: Path) -> Any:
     if not isinstance(value, str) or not value.strip():
         return value  # left for validation to report
@@ -61,18 +45,10 @@ def _resolve_file(value: Any, base: Path) -> Any:
 
 
 def resolve_paths(recipe: Mapping[str, Any], base: Path) -> dict[str, Any]:
-    """A copy of a parsed recipe with relative model, tokenizer and data paths made absolute."""
-    out = dict(recipe)
-    for role in ("anchor", "specialist"):
-        section = out.get(role)
-        if isinstance(section, str):
-            section = {"model": section}  # shorthand: `anchor: path/or/id`
-        if isinstance(section, Mapping):
-            section = dict(section)
-            for key in ("model", "tokenizer"):
-                if isinstance(section.get(key), str) and section[key].strip():
-                    section[key] = _resolve_model(section[key], base)
-            out[role] = section
+    """A copy of a parsed recipe with relative paths made absolute against ``base``: models and
+    tokenizers that exist there (:func:`composer.config.resolve_model_paths`; hub ids stay), and
+    the data files."""
+    out = resolve_model_paths(recipe, base=base)
     data = out.get("data")
     if isinstance(data, Mapping):
         data = dict(data)

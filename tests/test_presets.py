@@ -31,6 +31,7 @@ RECIPE = {
 
 def test_relative_paths_resolve_against_the_preset_folder(tmp_path):
     (tmp_path / "presets" / "models" / "anchor").mkdir(parents=True)
+    (tmp_path / "presets" / "models" / "specialist.gguf").write_bytes(b"GGUF")
     path = _write(tmp_path / "presets" / "pico.yaml", {**RECIPE, "default": True})
     preset = read_preset(path)
     base = (tmp_path / "presets").resolve()
@@ -47,6 +48,10 @@ def test_hub_ids_and_absolute_paths_stay_as_written(tmp_path):
     preset = read_preset(_write(tmp_path / "hub.yaml", recipe))
     assert preset.config.anchor.model == "Qwen/Qwen2.5-0.5B"
     assert preset.config.specialist.model == str(tmp_path / "s")
+    recipe = {"anchor": "models/missing", "specialist": "./not-here.gguf"}  # named as written
+    preset = read_preset(_write(tmp_path / "missing.yaml", recipe))
+    assert preset.config.anchor.model == "models/missing"
+    assert preset.config.specialist.model == "./not-here.gguf"
     assert preset.default is False
 
 
