@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -152,6 +153,11 @@ def test_set_models_keeps_the_preset_sections_and_validates_numbers(session):
     assert edited["anchor"]["quantization"] == "nf4"
     assert edited["bridge"]["num_heads"] is None and edited["bridge"]["head_dim"] == 16
     assert edited["training"]["max_steps"] == 24  # the preset's other sections stay
+    relative = os.path.relpath(session.recipe["anchor"]["model"])
+    edited = recipe.set_models(session, anchor=str(relative), specialist="Qwen/Qwen2.5-0.5B")
+    assert edited["anchor"]["model"] == session.recipe["anchor"]["model"]  # made absolute
+    assert Path(edited["anchor"]["model"]).is_absolute()
+    assert edited["specialist"]["model"] == "Qwen/Qwen2.5-0.5B"  # a hub id as written
     with pytest.raises(ConfigError, match="bridge every is -1"):
         recipe.set_models(session, anchor="a", specialist="b", every=-1)
 

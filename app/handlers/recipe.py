@@ -67,8 +67,9 @@ def set_models(
         ("specialist", specialist, specialist_quantization),
     ):
         section = dict(recipe.get(role) or {})
-        if (model or "").strip() != section.get("model"):
-            section = {"model": (model or "").strip()}  # another model: drop its old settings
+        model = _absolute_if_local((model or "").strip())
+        if model != section.get("model"):
+            section = {"model": model}  # another model: drop its old settings
         section["quantization"] = quantization or "none"
         recipe[role] = section
     bridge = dict(recipe.get("bridge") or {})
@@ -81,6 +82,13 @@ def set_models(
     recipe["bridge"] = bridge
     session.recipe = recipe
     return recipe
+
+
+def _absolute_if_local(model: str) -> str:
+    """An existing local folder or file as an absolute path (training runs in another folder);
+    anything else (a hub id, a typo) as written."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model and path.exists() else model
 
 
 def _whole(value: Any, what: str, *, default: int | None = None) -> int | None:
