@@ -7,6 +7,11 @@ layer i_k:
 
 with P: d_specialist -> d_anchor (the paper's projection; optional) and W_o zero-initialised, so
 an untrained composition is exactly the anchor (trap 2).
+
+With ``rotary`` (our default, beyond the paper) queries and keys are rotated by their token
+positions (RoPE), so a block can prefer the aligned or a nearby specialist position. Without it
+the attention sees only content: the paper's PaLM-size states carry position implicitly, but on
+small models the bridge could not find "the same token" (see docs/REPRODUCTION.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class BridgeShape:
     project_specialist: bool = True
     norm: bool = True
     causal: bool = True
+    rotary: bool = False  # False when absent from a saved config: bridges made before RoPE
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -65,12 +71,23 @@ class BridgeShape:
         return per_block * len(self.pairs)
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, *, base: float = 10000.0) -> torch.Tensor:
+    """RoPE: rotate pairs of channels of (B, H, N, hd) by angles of (B, N) token positions."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, N, hd/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 class BridgeBlock(nn.Module):
     """One layer pair's cross-attention: anchor states query projected specialist states."""
 
     def __init__(self, shape: BridgeShape) -> None:
         super().__init__()
         self.num_heads, self.head_dim = shape.num_heads, shape.head_dim
+        self.rotary = shape.rotary
         kv_in = shape.d_anchor if shape.project_specialist else shape.d_specialist
         self.query_norm: nn.Module = nn.RMSNorm(shape.d_anchor) if shape.norm else nn.Identity()
         self.specialist_norm: nn.Module = (
@@ -91,10 +108,18 @@ class BridgeBlock(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
 
-    def keys_values(self, specialist_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, d_specialist) -> keys, values, each (B, H, S, head_dim). Cacheable per token."""
+    def keys_values(
+        self, specialist_states: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d_specialist) at (B, S) positions -> keys, values, each (B, H, S, head_dim).
+
+        Cacheable per token: a key depends only on its own token's state and position.
+        """
         s = self.specialist_proj(self.specialist_norm(specialist_states))  # (B, S, kv_in)
-        return self._heads(self.k_proj(s)), self._heads(self.v_proj(s))
+        keys = self._heads(self.k_proj(s))
+        if self.rotary:
+            keys = rotate(keys, positions)
+        return keys, self._heads(self.v_proj(s))
 
     def forward(
         self,
@@ -102,9 +127,12 @@ class BridgeBlock(nn.Module):
         keys: torch.Tensor,  # (B, H, S, hd)
         values: torch.Tensor,  # (B, H, S, hd)
         visible: torch.Tensor,  # (B, T, S) bool, True = may read
+        positions: torch.Tensor,  # (B, T) token positions of the queries
     ) -> torch.Tensor:
         """The update to add to the anchor's residual stream, (B, T, d_anchor)."""
         q = self._heads(self.q_proj(self.query_norm(anchor_states)))  # (B, H, T, hd)
+        if self.rotary:
+            q = rotate(q, positions)
         has_any = visible.any(dim=-1)  # (B, T): False only for padding queries
         # SDPA gives NaN for a row with no visible key: let such rows see all, then zero them.
         mask = visible | ~has_any[..., None]

@@ -86,6 +86,7 @@ def bridge_shape_for(
         project_specialist=config.project_specialist,
         norm=config.norm,
         causal=config.causal,
+        rotary=config.rotary,
     )
 
 
@@ -191,6 +192,7 @@ class Composition(nn.Module):
             keys, values = self._specialist_keys_values(
                 input_ids, common, state, specialist, specialist_layers
             )
+            device = keys[0].device
             readable = (
                 attention_mask if specialist_mask is None else attention_mask * specialist_mask
             )
@@ -204,7 +206,10 @@ class Composition(nn.Module):
             for k, (anchor_layer, _) in enumerate(self.bridge.pairs):
                 blocks_at[anchor_layer].append(k)
             registrations = [
-                (anchor_layers[layer], self._residual_hook(ks, keys, values, visible))
+                (
+                    anchor_layers[layer],
+                    self._residual_hook(ks, keys, values, visible, positions.to(device)),
+                )
                 for layer, ks in blocks_at.items()
             ]
         with forward_hooks(registrations):
@@ -241,7 +246,10 @@ class Composition(nn.Module):
         for k, (block, (_, s)) in enumerate(
             zip(self.bridge.blocks, self.bridge.pairs, strict=True)
         ):
-            new_k, new_v = block.keys_values(captured[s].to(device=device, dtype=dtype))
+            new_k, new_v = block.keys_values(
+                captured[s].to(device=device, dtype=dtype),
+                common["position_ids"].to(device),
+            )
             if state is not None:
                 if state.keys[k] is not None:
                     new_k = torch.cat([state.keys[k], new_k], dim=2)  # (B, H, S, hd)
@@ -257,6 +265,7 @@ class Composition(nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         visible: torch.Tensor,
+        positions: torch.Tensor,
     ):  # noqa: ANN202
         blocks = self.bridge.blocks
         device, dtype = self.bridge_device_dtype()
@@ -264,9 +273,11 @@ class Composition(nn.Module):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             hidden = hidden_of(output)  # (B, T, d_anchor)
             x = hidden.to(device=device, dtype=dtype)
-            delta = blocks[block_ids[0]](x, keys[block_ids[0]], values[block_ids[0]], visible)
+            delta = blocks[block_ids[0]](
+                x, keys[block_ids[0]], values[block_ids[0]], visible, positions
+            )
             for k in block_ids[1:]:
-                delta = delta + blocks[k](x, keys[k], values[k], visible)
+                delta = delta + blocks[k](x, keys[k], values[k], visible, positions)
             return with_hidden(output, hidden + delta.to(device=hidden.device, dtype=hidden.dtype))
 
         return hook

@@ -81,9 +81,10 @@ class BridgeConfig:
     head_dim: int | None = None  # None: d_anchor // num_heads (paper)
     project_specialist: bool = True  # paper: Linear(d_specialist -> d_anchor) before K/V
     norm: bool = True  # RMSNorm on the query and key/value inputs: anchor states can be huge
-    causal: bool = (
-        True  # anchor position t reads specialist positions <= t; False only to show the leak
-    )
+    causal: bool = True  # anchor t reads specialist positions <= t; False only to show the leak
+    # RoPE on queries and keys at their token positions: reading "this token" needs position, and
+    # plain cross-attention only sees content (see composer/bridge.py).
+    rotary: bool = True
     dtype: str = "float32"  # bridge weights; float32 keeps the small trainable part exact
 
     def __post_init__(self) -> None:
@@ -119,6 +120,10 @@ class BridgeConfig:
                 f"bridge.{name} is {value!r}; expected a whole number >= 1, or leave it out to use "
                 "the anchor's own",
             )
+        _require(
+            not self.rotary or self.head_dim is None or self.head_dim % 2 == 0,
+            f"bridge.head_dim is {self.head_dim}; rotary positions need an even head_dim",
+        )
         _require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"bridge.dtype is {self.dtype!r}; expected float32, bfloat16 or float16",

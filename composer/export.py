@@ -140,7 +140,8 @@ frozen models; these files hold only the bridge ({config["num_parameters"]:,} pa
 - anchor: {_describe(config["anchor"])}
 - specialist: {_describe(config["specialist"])}
 - layer pairs (0-based): {pairs}
-- each block: {shape["num_heads"]} heads x {shape["head_dim"]}; causal: {shape["causal"]}
+- each block: {shape["num_heads"]} heads x {shape["head_dim"]}; causal: {shape["causal"]};
+  rotary positions: {shape.get("rotary", False)}
 
 ## Forward
 

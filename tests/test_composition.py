@@ -263,3 +263,35 @@ def test_specialist_as_encoder_reads_only_the_prompt(model_pair):
     assert torch.equal(cached, composition.generate(ids, use_cache=False, **kwargs))
     full = composition.generate(ids, max_new_tokens=16, eos_token_id=[])
     assert not torch.equal(cached, full)
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    from composer.bridge import rotate
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (
+        torch.randn(1, 2, 1, 8, generator=generator),
+        torch.randn(1, 2, 1, 8, generator=generator),
+    )
+
+    def score(query_pos: int, key_pos: int) -> torch.Tensor:
+        return (rotate(q, torch.tensor([[query_pos]])) * rotate(k, torch.tensor([[key_pos]]))).sum(
+            -1
+        )
+
+    assert torch.equal(rotate(q, torch.tensor([[0]])), q)
+    assert torch.allclose(score(7, 3), score(14, 10), atol=1e-5)
+    assert not torch.allclose(score(7, 3), score(7, 6), atol=1e-3)
+
+
+def test_bridge_without_rotary_keeps_every_invariant(model_pair):
+    anchor, specialist = model_pair
+    composition = compose(anchor, specialist, bridge_config=BridgeConfig(every=2, rotary=False))
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(composition(ids).logits, anchor(ids).logits)
+    randomize_bridge(composition, scale=0.3)
+    cached = composition.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(
+        cached, composition.generate(ids, max_new_tokens=8, eos_token_id=[], use_cache=False)
+    )
