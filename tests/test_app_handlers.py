@@ -158,6 +158,13 @@ def test_set_models_keeps_the_preset_sections_and_validates_numbers(session):
     assert edited["anchor"]["model"] == session.recipe["anchor"]["model"]  # made absolute
     assert Path(edited["anchor"]["model"]).is_absolute()
     assert edited["specialist"]["model"] == "Qwen/Qwen2.5-0.5B"  # a hub id as written
+    session.recipe["bridge"]["pairs"] = [[1, 1]]  # a preset with explicit pairs
+    every = session.recipe["bridge"]["every"]
+    kept = recipe.set_models(session, anchor="a", specialist="b", every=every)
+    assert kept["bridge"]["pairs"] == [[1, 1]]  # "every" unchanged: the explicit pairs stay
+    assert (
+        recipe.set_models(session, anchor="a", specialist="b", every=3)["bridge"]["pairs"] is None
+    )
     with pytest.raises(ConfigError, match="bridge every is -1"):
         recipe.set_models(session, anchor="a", specialist="b", every=-1)
 

@@ -73,6 +73,8 @@ def set_models(
         section["quantization"] = quantization or "none"
         recipe[role] = section
     bridge = dict(recipe.get("bridge") or {})
+    if bridge.get("pairs") and _whole(every, "bridge every", default=4) != bridge.get("every", 4):
+        bridge["pairs"] = None  # a new "every" asks for the default pairing instead
     bridge.update(
         every=_whole(every, "bridge every", default=4),
         num_heads=_whole(num_heads, "bridge heads") or None,  # 0 / empty: the anchor's own
