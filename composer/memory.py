@@ -204,11 +204,13 @@ def plan(
     recipe: Any,  # a recipe file path, a mapping or a CompositionConfig
     *,
     device: torch.device | None = None,
+    model_configs: dict[str, Any] | None = None,  # {"anchor": ..., "specialist": ...} already read
 ) -> Plan:
     """Estimate a recipe's training memory from the models' configs alone (no weights loaded).
 
     Components: both frozen models' weights (at their quantization and dtype), the bridge with
-    its gradients and optimizer state, and the activations of the longest batch.
+    its gradients and optimizer state, and the activations of the longest batch. Pass
+    ``model_configs`` when the configs are already read (reading a GGUF's takes seconds).
     """
     from composer.composition import bridge_shape_for
     from composer.config import CompositionConfig, read_recipe
@@ -223,7 +225,9 @@ def plan(
     configs = {}
     dtypes = {}
     for role, spec in (("anchor", config.anchor), ("specialist", config.specialist)):
-        model_config = configs[role] = load_config(spec)
+        model_config = configs[role] = (
+            model_configs[role] if model_configs is not None else load_config(spec)
+        )
         dtype = str(resolve_dtype(spec.dtype, target)).removeprefix("torch.")
         dtypes[role] = dtype
         count = count_parameters(model_config)

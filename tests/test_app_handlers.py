@@ -100,15 +100,13 @@ def test_check_pair_shows_pairs_size_and_memory_without_loading(session):
 
 
 def test_the_memory_estimate_is_composer_memory_plan(session):
-    from composer.composition import bridge_shape_for
     from composer.memory import plan
 
     config = recipe.current_recipe(session)
     configs = {
         r: recipe.model_config(session, getattr(config, r)) for r in ("anchor", "specialist")
     }
-    shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
-    ours, theirs = recipe.training_plan(config, configs, shape), plan(config)
+    ours, theirs = recipe.training_plan(config, configs), plan(config)
     assert ours.components == theirs.components
     assert (ours.bridge_parameters, ours.batch_size, ours.max_length) == (
         theirs.bridge_parameters,

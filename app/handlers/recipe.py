@@ -210,7 +210,7 @@ def check_pair(session: Session) -> PairReport:
     report.bridge_parameters = shape.num_parameters()
     report.anchor_parameters = count_parameters(configs["anchor"]).total
     try:
-        estimate = training_plan(config, configs, shape)
+        estimate = training_plan(config, configs)
         report.memory, report.fits = estimate.format(), estimate.fits
     except ConfigError as exc:
         report.memory = [f"no memory estimate: {exc}"]
@@ -231,57 +231,11 @@ def model_config(session: Session, spec: ModelSpec) -> Any:
     return session.model_configs[key]
 
 
-def training_plan(config: CompositionConfig, configs: dict[str, Any], shape: Any) -> Any:
-    """composer.memory.plan for configs already read (plan() would read both again)."""
-    import torch
+def training_plan(config: CompositionConfig, configs: dict[str, Any]) -> Any:
+    """composer.memory.plan for model configs already read (plan() would read both again)."""
+    from composer.memory import plan
 
-    from composer.loading import resolve_dtype
-    from composer.memory import (
-        Plan,
-        count_parameters,
-        probe_device,
-        training_peak_bytes,
-        weight_bytes,
-    )
-    from composer.training_config import TrainingConfig
-
-    training = TrainingConfig.from_mapping(config.training)
-    target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    components: list[tuple[str, int, str]] = []
-    dtypes = {}
-    for role in ("anchor", "specialist"):
-        spec = getattr(config, role)
-        dtype = dtypes[role] = str(resolve_dtype(spec.dtype, target)).removeprefix("torch.")
-        count = count_parameters(configs[role])
-        size = weight_bytes(count, quantization=spec.quantization, dtype=dtype)
-        components.append(
-            (f"{role} weights", size, f"{count.total:,} parameters, {spec.quantization}, {dtype}")
-        )
-    bf16 = training.bf16 is True or (training.bf16 == "auto" and target.type == "cuda")
-    step = training_peak_bytes(
-        configs["anchor"],
-        shape,
-        batch_size=training.batch_size,
-        max_length=training.max_length,
-        gradient_checkpointing=training.gradient_checkpointing,
-        activation_bytes=2 if bf16 or dtypes["anchor"] != "float32" else 4,
-        optimizer=training.optimizer if target.type == "cuda" else "adamw",
-        bridge_dtype=config.bridge.dtype,
-    )
-    checkpointing = "on" if training.gradient_checkpointing else "off"
-    components += [
-        ("bridge + grads + optimizer", step.bridge, f"{training.optimizer}, {config.bridge.dtype}"),
-        ("anchor activations", step.anchor_activations, f"gradient checkpointing {checkpointing}"),
-        ("bridge activations", step.bridge_activations, f"{len(shape.pairs)} block(s)"),
-        ("logits", step.logits, "logits, float32 copy and gradient"),
-    ]
-    return Plan(
-        device=probe_device(target),
-        components=tuple(components),
-        bridge_parameters=shape.num_parameters(),
-        batch_size=training.batch_size,
-        max_length=training.max_length,
-    )
+    return plan(config, model_configs=configs)
 
 
 def _same_tokenizer(session: Session, config: CompositionConfig) -> bool | None:
