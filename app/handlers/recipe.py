@@ -16,7 +16,6 @@ from composer.config import CompositionConfig, ConfigError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "nf4", "int8")
 # What composer.data reads (importing it here would load torch at start-up).
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 

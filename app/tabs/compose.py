@@ -10,6 +10,7 @@ import gradio as gr
 from app.handlers import recipe
 from app.session import Session
 from app.ui import guard
+from composer.config import QUANTIZATIONS
 
 PAIR_HEADERS = ["block", "anchor layer", "specialist layer"]
 
@@ -34,7 +35,7 @@ def build(session: Session) -> SimpleNamespace:
             )
             anchor_quant = gr.Dropdown(
                 label="Anchor quantisation",
-                choices=list(recipe.QUANTIZATIONS),
+                choices=list(QUANTIZATIONS),
                 value="none",
                 elem_id="anchor-quant",
             )
@@ -45,7 +46,7 @@ def build(session: Session) -> SimpleNamespace:
             )
             specialist_quant = gr.Dropdown(
                 label="Specialist quantisation",
-                choices=list(recipe.QUANTIZATIONS),
+                choices=list(QUANTIZATIONS),
                 value="none",
                 elem_id="specialist-quant",
             )
