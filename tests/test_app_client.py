@@ -118,6 +118,7 @@ def test_start_poll_stop(app):
 
 def test_chat_streams_compare_and_export(app, tmp_path):
     demo, client = app
+    client.predict("pico", api_name="/apply_preset")  # independent of the tests before it
     status = client.predict("", api_name="/load_models")
     assert "loaded" in status and "new (untrained) bridge" in status
     settings = ["", 12, False, 0.7, 1.0, 0, 1.0, True]
