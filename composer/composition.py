@@ -96,7 +96,8 @@ class Composition(nn.Module):
     ``composition(input_ids, attention_mask=None, labels=None)`` returns logits (and a loss).
     This module's only child is ``bridge``: ``parameters()``, ``state_dict()``, ``train()`` and
     wrappers such as DDP see exactly the trainable part. The frozen models are reachable as
-    ``anchor`` and ``specialist`` but are not registered as submodules.
+    ``anchor`` and ``specialist`` but are not registered as submodules, so ``.to()`` moves only
+    the bridge (the frozen models stay where they were loaded, e.g. 4-bit on the GPU).
     """
 
     def __init__(
@@ -197,7 +198,7 @@ class Composition(nn.Module):
                 attention_mask if specialist_mask is None else attention_mask * specialist_mask
             )
             visible = visibility_mask(
-                readable.to(keys[0].device),
+                readable.to(device),
                 num_queries=input_ids.shape[1],
                 query_offset=past,
                 causal=self.bridge.shape.causal,
