@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.main import build_app
-from tests.test_app_support import BAD_ROW, free_port, make_pico_preset
+from tests.test_app_support import BAD_ROW, served_pico_app
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -41,20 +40,8 @@ def _chromium() -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    presets = make_pico_preset(root, max_steps=400)
-    demo = build_app(
-        presets_dir=presets,
-        runs_dir=root / "runs",
-        models_dir=presets / "models",
-        poll_seconds=0.5,
-    )
-    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
-    try:
+    with served_pico_app(tmp_path_factory.mktemp("browser")) as demo:
         yield demo
-    finally:
-        demo.calm_session.close()
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,30 +8,16 @@ from pathlib import Path
 import pytest
 
 from app.handlers.chat import flatten_history
-from app.main import build_app
 from composer.pairing import default_pairs
-from tests.test_app_support import BAD_ROW, free_port, make_pico_preset
+from tests.test_app_support import BAD_ROW, served_pico_app
 
 gradio_client = pytest.importorskip("gradio_client")
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client")
-    presets = make_pico_preset(root, max_steps=400)
-    demo = build_app(
-        presets_dir=presets,
-        runs_dir=root / "runs",
-        models_dir=presets / "models",
-        poll_seconds=0.5,
-    )
-    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
-    try:
-        client = gradio_client.Client(demo.local_url, verbose=False)
-        yield demo, client
-    finally:
-        demo.calm_session.close()
-        demo.close()
+    with served_pico_app(tmp_path_factory.mktemp("client")) as demo:
+        yield demo, gradio_client.Client(demo.local_url, verbose=False)
 
 
 def test_every_event_is_named(app):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -67,3 +70,23 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextmanager
+def served_pico_app(root: Path) -> Iterator[Any]:
+    """The app over a pico preset in ``root``, served on a free loopback port; closed on exit."""
+    from app.main import build_app
+
+    presets = make_pico_preset(root, max_steps=400)
+    demo = build_app(
+        presets_dir=presets,
+        runs_dir=root / "runs",
+        models_dir=presets / "models",
+        poll_seconds=0.5,
+    )
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    try:
+        yield demo
+    finally:
+        demo.calm_session.close()
+        demo.close()
