@@ -204,21 +204,30 @@ def test_run_writes_status_progress_checkpoints_and_bridge(reference):
     assert "step 20/20" in (reference / progress.LOG).read_text()
 
 
-def test_sigkill_then_rerun_equals_uninterrupted_run(models, reference, tmp_path):
-    recipe = _recipe(models, tmp_path)
-    output = tmp_path / "out"
-    job = subprocess.Popen(
+def _start_slow_run(recipe: Path, output: Path) -> subprocess.Popen:
+    """A training process (0.15 s per step) that a test can signal or kill mid-run."""
+    return subprocess.Popen(
         [sys.executable, str(HELPER), str(recipe), str(output), "--slow", "0.15"],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def _wait_for_first_checkpoint(job: subprocess.Popen, output: Path) -> None:
+    deadline = time.monotonic() + 90
+    while not (output / "checkpoints" / "step-5").is_dir():
+        assert job.poll() is None, "the training process ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 90 s"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(models, reference, tmp_path):
+    recipe = _recipe(models, tmp_path)
+    output = tmp_path / "out"
+    job = _start_slow_run(recipe, output)
     try:
-        deadline = time.monotonic() + 90
-        while not (output / "checkpoints" / "step-5").is_dir():
-            assert job.poll() is None, "the training process ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
-            time.sleep(0.05)
+        _wait_for_first_checkpoint(job, output)
         time.sleep(0.4)  # a few steps past the checkpoint, with progress lines after it
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
@@ -501,17 +510,9 @@ def test_a_live_run_in_the_same_folder_is_refused(models, tmp_path):
 def test_sigterm_to_a_training_process_checkpoints_and_exits_cleanly(models, tmp_path):
     recipe = _recipe(models, tmp_path)
     output = tmp_path / "out"
-    job = subprocess.Popen(
-        [sys.executable, str(HELPER), str(recipe), str(output), "--slow", "0.15"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    job = _start_slow_run(recipe, output)
     try:
-        deadline = time.monotonic() + 90
-        while not (output / "checkpoints" / "step-5").is_dir():
-            assert job.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for_first_checkpoint(job, output)
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=60) == 3  # the helper's code for TrainingStopped
     finally:
