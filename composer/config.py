@@ -261,10 +261,11 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> CompositionCon
 
 
 def resolve_model_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
-    """A copy of ``recipe`` whose relative model/tokenizer paths that exist beside it are absolute.
+    """A copy of ``recipe`` whose relative model/tokenizer paths are absolute against ``base``.
 
-    A recipe file names its models relative to its own folder (as a preset does); names that are
-    not files or folders there (hub ids such as ``Qwen/Qwen2.5-0.5B``) are left as they are.
+    A recipe file names its models relative to its own folder (as a preset does). Names that
+    exist there, and .gguf file names, are resolved; other names that are not files or folders
+    there (hub ids such as ``Qwen/Qwen2.5-0.5B``) are left as they are.
     """
     out = dict(recipe)
     for role in ("anchor", "specialist"):
@@ -278,7 +279,9 @@ def resolve_model_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, A
             value = section.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 candidate = base / value
-                if candidate.exists():
+                # A .gguf name is a file even before it exists (hub ids never end so): resolve
+                # it, so "missing" names the place the recipe expects it (composer.model_files).
+                if candidate.exists() or value.lower().endswith(".gguf"):
                     section[key] = str(candidate.resolve())
         out[role] = section
     return out

