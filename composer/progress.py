@@ -47,7 +47,7 @@ PROGRESS_KEYS = (
     "elapsed_s",
     "eta_s",
     "peak_memory_bytes",
-)  # plus "eval_loss" on lines where the eval set was scored
+)  # plus "eval_loss" and "start_eval_loss" (the anchor alone) where the eval set was scored
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 

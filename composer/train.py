@@ -206,6 +206,9 @@ class RunState:
     loss_sum: float = 0.0  # losses of steps since the last progress line
     loss_steps: int = 0
     training: dict[str, Any] = field(default_factory=dict)
+    # Eval loss before the first step, when there is an eval set: the zero-initialised bridge
+    # adds nothing then, so this is the anchor alone, the "before" of every later eval loss.
+    start_eval_loss: float | None = None
 
 
 def _save_checkpoint(
@@ -565,6 +568,7 @@ class _Run:
             eval_fraction=data.eval_fraction,
             eval_path=data.eval,
             seed=training.seed,
+            columns=data.columns,
         )
         if data.format != "auto" and split.format != data.format:
             raise ConfigError(
@@ -654,6 +658,9 @@ class _Run:
         examples = stream.examples
         params = [p for p in bridge.parameters() if p.requires_grad]
         session_start, session_steps = time.perf_counter(), 0
+        if state.step == 0 and split.eval and state.start_eval_loss is None:
+            state.start_eval_loss = self._evaluate(split.eval, pad_id)
+            logger.info("eval loss before training (the anchor alone): %.4f", state.start_eval_loss)
         window_start, window_tokens = time.perf_counter(), 0
         model.train()
         while state.step < max_steps:
@@ -715,6 +722,7 @@ class _Run:
                 }
                 if eval_loss is not None:
                     record["eval_loss"] = eval_loss
+                    record["start_eval_loss"] = state.start_eval_loss
                 if self.main:
                     progress.append_progress(self.output, record)
                 logger.info(

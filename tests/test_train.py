@@ -21,6 +21,7 @@ from composer import progress
 from composer.chartok import build_char_tokenizer
 from composer.composition import Composition, compose
 from composer.config import BridgeConfig, ConfigError, read_recipe
+from composer.data import encode
 from composer.memory import plan
 from composer.train import (
     TrainingFailed,
@@ -522,3 +523,27 @@ def test_sigterm_to_a_training_process_checkpoints_and_exits_cleanly(models, tmp
     assert status["state"] == "stopped" and "SIGTERM" in status["reason"]
     assert Path(status["last_checkpoint"]) == output / "checkpoints" / f"step-{status['step']}"
     assert Path(status["last_checkpoint"]).is_dir() and status["step"] < STEPS
+
+
+def test_start_eval_loss_is_the_anchor_alone(models, tmp_path):
+    """The "before" every eval line carries is the anchor's own loss on the eval set."""
+    out = tmp_path / "out"
+    recipe = _recipe(
+        models, tmp_path, data={"train": "train.jsonl", "eval": "train.jsonl"}, max_steps=3
+    )
+    train(recipe, output_dir=out)
+    records = [r for r in progress.read_progress(out) if "eval_loss" in r]
+    assert records and {r["start_eval_loss"] for r in records} == {records[0]["start_eval_loss"]}
+
+    anchor = LlamaForCausalLM.from_pretrained(models / "anchor").eval()
+    tokenizer = build_char_tokenizer()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in (models / "train.jsonl").read_text().splitlines():
+            example = encode(json.loads(line), "text", tokenizer, max_length=512)
+            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+            n = int((labels != -100).sum())
+            total += float(anchor(input_ids=ids, labels=labels).loss) * n
+            count += n
+    assert records[0]["start_eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert records[-1]["eval_loss"] != pytest.approx(records[0]["start_eval_loss"], rel=1e-6)

@@ -193,7 +193,9 @@ def stats_markdown(view: runs.RunView) -> str:
         f"peak memory {runs.format_bytes(view.peak_memory_bytes)}",
         f"elapsed {runs.format_duration(view.elapsed_s)}",
     ]
-    evals = [r["eval_loss"] for r in view.records if "eval_loss" in r]
+    evals = [r for r in view.records if "eval_loss" in r]
     if evals:
-        parts.insert(1, f"eval loss {evals[-1]:.4f}")
+        before = evals[-1].get("start_eval_loss")
+        anchor = f" (anchor alone {before:.4f})" if isinstance(before, (int, float)) else ""
+        parts.insert(1, f"eval loss {evals[-1]['eval_loss']:.4f}{anchor}")
     return " · ".join(parts)
