@@ -509,12 +509,16 @@ def load_dataset(
     eval_fraction: float = 0.0,
     eval_path: str | Path | None = None,
     seed: int = 0,
+    columns: Mapping[str, str] | None = None,
 ) -> DatasetSplit:
     """Read, validate and encode a data file; hold out an eval set.
 
     Bad rows are skipped and listed in ``problems``. The eval set is ``eval_path`` (encoded the
     same way; its format may differ) or, with ``eval_fraction > 0``, a random subset of the
     file (at least one example; the same for the same seed); both lists keep file order.
+
+    ``columns`` renames the files' columns first ({file column: text|prompt|completion|messages}),
+    so a dataset with its own column names (GSM8K's question/answer) is read as it is.
 
     Raises ConfigError for unreadable files, an undecidable format, bad settings, or a file
     that yields no example (quoting its first problems).
@@ -529,10 +533,12 @@ def load_dataset(
             f"both eval_path ({eval_path}) and eval_fraction ({eval_fraction}) are set; "
             "expected one way to get an eval set; drop one of them"
         )
-    examples, fmt, problems = _load_examples(Path(path), tokenizer, max_length)
+    examples, fmt, problems = _load_examples(Path(path), tokenizer, max_length, columns)
     eval_examples: list[Example] = []
     if eval_path is not None:
-        eval_examples, _, eval_problems = _load_examples(Path(eval_path), tokenizer, max_length)
+        eval_examples, _, eval_problems = _load_examples(
+            Path(eval_path), tokenizer, max_length, columns
+        )
         problems = problems + eval_problems
     elif eval_fraction > 0:
         n_eval = max(1, round(len(examples) * eval_fraction))
@@ -555,10 +561,25 @@ def load_dataset(
     return DatasetSplit(train=examples, eval=eval_examples, format=fmt, problems=problems)
 
 
+def rename_columns(
+    rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str] | None
+) -> list[dict[str, Any]]:
+    """Rows with their keys renamed by ``columns`` ({old: new}); other keys kept as they are."""
+    if not columns:
+        return [dict(row) if isinstance(row, Mapping) else row for row in rows]
+    return [
+        {columns.get(k, k): v for k, v in row.items()} if isinstance(row, Mapping) else row
+        for row in rows
+    ]
+
+
 def _load_examples(
-    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[list[Example], str, list[RowProblem]]:
-    rows = read_rows(path)
+    rows = rename_columns(read_rows(path), columns)
     source = str(path)
     if not rows:
         raise ConfigError(

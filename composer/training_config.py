@@ -20,6 +20,7 @@ from composer.config import ConfigError
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages")
+ROW_FIELDS = ("text", "prompt", "completion", "messages")  # what data.columns may map onto
 
 
 def _require(condition: bool, message: str) -> None:
@@ -189,6 +190,8 @@ class DataConfig:
     eval: str | None = None  # eval file; when unset, eval_fraction of train may be held out
     eval_fraction: float = 0.0  # share of train held out for eval losses; 0: no eval
     format: str = "auto"  # auto: detected from the first rows; else checked against them
+    # {file column: our field}, e.g. {question: prompt, answer: completion} for GSM8K's parquet
+    columns: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
@@ -208,6 +211,14 @@ class DataConfig:
             f"both data.eval ({self.eval}) and data.eval_fraction ({self.eval_fraction}) are set; "
             "expected one way to get an eval set; drop one of them",
         )
+        if self.columns is not None:
+            _require(
+                isinstance(self.columns, Mapping)
+                and all(isinstance(k, str) and v in ROW_FIELDS for k, v in self.columns.items()),
+                f"data.columns is {self.columns!r}; expected a mapping from a column of the file "
+                f"to one of {', '.join(ROW_FIELDS)}, e.g. {{question: prompt, answer: completion}}",
+            )
+            object.__setattr__(self, "columns", dict(self.columns))
         _require(
             self.format in DATA_FORMATS,
             f"data.format is {self.format!r}; expected one of {', '.join(DATA_FORMATS)}",

@@ -16,6 +16,7 @@ from composer import data
 from composer.chartok import DEFAULT_ALPHABET, build_char_tokenizer
 from composer.config import ConfigError
 from composer.data import IGNORE_INDEX, Example
+from composer.training_config import DataConfig
 
 CHAT = [
     {"role": "system", "content": "be brief"},
@@ -320,6 +321,25 @@ def test_split_is_deterministic_and_disjoint(tok, tmp_path):
     assert split_texts(0) == (eval_a, 30)
     assert split_texts(1)[0] != eval_a
     assert eval_a == sorted(eval_a)  # file order kept
+
+
+def test_columns_map_a_datasets_own_names(tok, tmp_path):
+    """A parquet file shaped like GSM8K's (question/answer) trains as prompt/completion."""
+    rows = [
+        {"question": "1+1?", "answer": "2", "id": 1},
+        {"question": "2+2?", "answer": "4", "id": 2},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet")
+    with pytest.raises(ConfigError, match="Could not tell the format|expected rows shaped|keys"):
+        data.load_dataset(tmp_path / "gsm.parquet", tok, max_length=32)
+    columns = {"question": "prompt", "answer": "completion"}
+    split = data.load_dataset(tmp_path / "gsm.parquet", tok, max_length=32, columns=columns)
+    assert split.format == "prompt_completion"
+    assert [loss_text(tok, ex) for ex in split.train] == ["2<eos>", "4<eos>"]
+    config = DataConfig.from_mapping({"train": "gsm.parquet", "columns": columns})
+    assert config.columns == columns
+    with pytest.raises(ConfigError, match=r"data.columns is .*one of text, prompt, completion"):
+        DataConfig.from_mapping({"train": "x.jsonl", "columns": {"question": "query"}})
 
 
 def test_eval_path_and_bad_split_settings(tok, tmp_path):
