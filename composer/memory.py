@@ -205,6 +205,7 @@ def plan(
     *,
     device: torch.device | None = None,
     model_configs: dict[str, Any] | None = None,  # {"anchor": ..., "specialist": ...} already read
+    memory: DeviceMemory | None = None,  # a device to plan for instead of probing this machine's
 ) -> Plan:
     """Estimate a recipe's training memory from the models' configs alone (no weights loaded).
 
@@ -219,7 +220,7 @@ def plan(
 
     config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
     training = TrainingConfig.from_mapping(config.training)
-    memory = probe_device(device)
+    memory = memory or probe_device(device)
     target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     components: list[tuple[str, int, str]] = []
     configs = {}

@@ -48,10 +48,11 @@ def test_hub_ids_and_absolute_paths_stay_as_written(tmp_path):
     preset = read_preset(_write(tmp_path / "hub.yaml", recipe))
     assert preset.config.anchor.model == "Qwen/Qwen2.5-0.5B"
     assert preset.config.specialist.model == str(tmp_path / "s")
-    recipe = {"anchor": "models/missing", "specialist": "./not-here.gguf"}  # named as written
+    recipe = {"anchor": "models/missing", "specialist": "./not-here.gguf"}
     preset = read_preset(_write(tmp_path / "missing.yaml", recipe))
-    assert preset.config.anchor.model == "models/missing"
-    assert preset.config.specialist.model == "./not-here.gguf"
+    assert preset.config.anchor.model == "models/missing"  # could be a hub id: as written
+    # a .gguf name is a file: resolved, so a missing one is reported where it is expected
+    assert preset.config.specialist.model == str(tmp_path.resolve() / "not-here.gguf")
     assert preset.default is False
 
 
@@ -101,10 +102,93 @@ def test_empty_and_missing_files_are_config_errors(tmp_path):
         read_preset(tmp_path / "nope.yaml")
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "presets"
+
+# Published config.json values of the hub models the GPU presets name (no hub here to read them).
+HUB_CONFIGS = {
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-Math-1.5B-Instruct": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+}
+
+
 def test_shipped_presets_are_valid():
-    folder = Path(__file__).resolve().parents[1] / "presets"
-    presets = list_presets(folder)  # raises on the first invalid one
+    presets = list_presets(SHIPPED)  # raises on the first invalid one
     assert len({pid for pid, _, _ in presets}) == len(presets)
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_shipped_preset_is_complete(path):
+    """Described, sized, trainable as written, with models and data a user can get."""
+    from composer.model_files import known_file
+    from composer.training_config import DataConfig, TrainingConfig
+
+    preset = read_preset(path)
+    config = preset.config
+    assert config.name and len(config.description) > 100 and config.expect
+    assert isinstance(config.hardware.get("cpu"), bool)
+    assert isinstance(config.hardware.get("min_gpu_memory_gb"), (int, float))
+    training = TrainingConfig.from_mapping(config.training)
+    assert training.max_steps
+    data = DataConfig.from_mapping(config.data)
+    for role in ("anchor", "specialist"):
+        model = getattr(config, role).model
+        local = Path(model).exists() or known_file(model) is not None
+        assert local or model in HUB_CONFIGS, f"{role} {model}: not shipped, fetchable or known"
+    if config.hardware["cpu"]:  # runs here: its data ships in the repository
+        assert Path(data.train).is_file()
+        assert data.eval is None or Path(data.eval).is_file()
+    else:  # the description says how to get the data
+        assert "hf download" in config.description
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in SHIPPED.glob("*.yaml") if "gpu" in p.stem), ids=lambda p: p.stem
+)
+def test_gpu_presets_fit_the_gpu_they_name(path):
+    """The planner, on the hub models' published configs, fits the stated GPU (10% headroom)."""
+    import torch
+    from transformers import Qwen2Config
+
+    from composer.memory import GIB, DeviceMemory, plan
+
+    preset = read_preset(path)
+    gb = preset.config.hardware["min_gpu_memory_gb"]
+    configs = {
+        role: Qwen2Config(**HUB_CONFIGS[getattr(preset.config, role).model])
+        for role in ("anchor", "specialist")
+    }
+    gpu = DeviceMemory(name=f"{gb} GiB", total_bytes=gb * GIB, available_bytes=gb * GIB)
+    estimate = plan(preset.config, device=torch.device("cuda"), model_configs=configs, memory=gpu)
+    assert estimate.fits, "\n".join(estimate.format())
+    smaller = DeviceMemory(name="half", total_bytes=gb * GIB // 2, available_bytes=gb * GIB // 2)
+    assert not plan(
+        preset.config, device=torch.device("cuda"), model_configs=configs, memory=smaller
+    ).fits
 
 
 def test_reading_presets_does_not_import_torch():
