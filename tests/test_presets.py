@@ -105,6 +105,15 @@ def test_empty_and_missing_files_are_config_errors(tmp_path):
 SHIPPED = Path(__file__).resolve().parents[1] / "presets"
 
 # Published config.json values of the hub models the GPU presets name (no hub here to read them).
+QWEN25_1_5B = dict(  # Qwen2.5-1.5B's shape, shared by its Coder and Math versions
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
 HUB_CONFIGS = {
     "Qwen/Qwen2.5-7B-Instruct": dict(
         hidden_size=3584,
@@ -115,24 +124,8 @@ HUB_CONFIGS = {
         vocab_size=152064,
         tie_word_embeddings=False,
     ),
-    "Qwen/Qwen2.5-Coder-1.5B-Instruct": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "Qwen/Qwen2.5-Math-1.5B-Instruct": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": QWEN25_1_5B,
+    "Qwen/Qwen2.5-Math-1.5B-Instruct": QWEN25_1_5B,
 }
 
 
