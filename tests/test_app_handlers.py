@@ -84,6 +84,26 @@ def test_without_a_default_preset_models_are_chosen_by_hand(presets, tmp_path):
     assert report.pairs == list(default_pairs(anchor_layers=6, specialist_layers=8, every=4))
 
 
+def test_a_preset_whose_model_file_is_missing_says_how_to_fetch_it(presets, tmp_path):
+    from app.tabs.compose import preset_markdown
+
+    folder = tmp_path / "presets"
+    shutil.copytree(presets, folder)
+    gguf = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"  # a file composer.model_files knows
+    text = (folder / "pico.yaml").read_text()
+    (folder / "real.yaml").write_text(
+        text.replace("default: true", "default: false").replace(
+            "models/specialist", f"models/{gguf}"
+        )
+    )
+    session = Session.create(presets_dir=folder, runs_dir=tmp_path / "runs")
+    assert "Model file missing" not in preset_markdown(session)  # the pico preset has its files
+    recipe.apply_preset(session, "real")
+    shown = preset_markdown(session)
+    assert f"{folder.resolve() / 'models' / gguf}" in shown
+    assert f"calm-composer fetch {folder.resolve() / 'real.yaml'}" in shown
+
+
 def test_check_pair_shows_pairs_size_and_memory_without_loading(session):
     report = recipe.check_pair(session)
     assert report.compatible, report.problems
