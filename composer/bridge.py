@@ -40,6 +40,7 @@ class BridgeShape:
     norm: bool = True
     causal: bool = True
     rotary: bool = False  # False when absent from a saved config: bridges made before RoPE
+    prompt_only: bool = False  # the "specialist as encoder" ablation (BridgeConfig.prompt_only)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kv.add_argument(
         "--variants",
-        help="comma-separated subset of subs,math,worked,random_specialist,no_mask,lora",
+        help="comma-separated subset of subs,math,worked,random_specialist,no_mask,encoder,lora",
     )
     kv.set_defaults(run=_repro_kv)
     return parser

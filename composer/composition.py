@@ -87,6 +87,7 @@ def bridge_shape_for(
         norm=config.norm,
         causal=config.causal,
         rotary=config.rotary,
+        prompt_only=config.prompt_only,
     )
 
 
@@ -162,6 +163,8 @@ class Composition(nn.Module):
     ) -> CompositionOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if specialist_mask is None and labels is not None and self.bridge.shape.prompt_only:
+            specialist_mask = prompt_mask(labels)
         logits = self.step(input_ids, attention_mask, specialist_mask=specialist_mask)
         loss = next_token_loss(logits, labels) if labels is not None else None
         return CompositionOutput(logits=logits, loss=loss)
@@ -299,6 +302,11 @@ class Composition(nn.Module):
         from composer.export import save_bridge
 
         save_bridge(self, path, **kwargs)
+
+
+def prompt_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 at the prompt: the positions before a row's first labelled token (pure)."""
+    return ((labels != -100).long().cumsum(-1) == 0).long()
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,10 @@ class BridgeConfig:
     # RoPE on queries and keys at their token positions: reading "this token" needs position, and
     # plain cross-attention only sees content (see composer/bridge.py).
     rotary: bool = True
+    # The paper's "specialist as encoder" ablation: the bridge reads the specialist's states of
+    # the prompt only (in training: positions before the first labelled token), never of tokens
+    # the anchor has written.
+    prompt_only: bool = False
     dtype: str = "float32"  # bridge weights; float32 keeps the small trainable part exact
 
     def __post_init__(self) -> None:

@@ -78,7 +78,8 @@ def generate(
     streamer: Any = None,  # a transformers streamer (TextStreamer, TextIteratorStreamer, ...)
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    specialist_reads_prompt_only: bool = False,  # the paper's "specialist as encoder" ablation
+    # The paper's "specialist as encoder" ablation; None: as the bridge was trained (prompt_only)
+    specialist_reads_prompt_only: bool | None = None,
 ) -> torch.Tensor:
     """Decode up to ``max_new_tokens``; returns only the new tokens, (B, new).
 
@@ -126,6 +127,8 @@ def generate(
         streamer.put(input_ids.cpu())
     state = composition.new_decode_state() if use_cache else None
     # The bridge may read every token, or (ablation) only the prompt's.
+    if specialist_reads_prompt_only is None:
+        specialist_reads_prompt_only = composition.bridge.shape.prompt_only
     readable = attention_mask.clone() if specialist_reads_prompt_only else None
     logits = composition.step(
         input_ids, attention_mask, state=state, logits_to_keep=1, specialist_mask=readable

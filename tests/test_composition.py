@@ -265,6 +265,31 @@ def test_specialist_as_encoder_reads_only_the_prompt(model_pair):
     assert not torch.equal(cached, full)
 
 
+def test_prompt_only_bridge_trains_as_it_decodes(model_pair):
+    """bridge.prompt_only: a teacher-forced pass with labels reads the same specialist states as
+    greedy decoding does (the prompt's), so its argmax reproduces the decoded tokens."""
+    anchor, specialist = model_pair
+    composition = compose(anchor, specialist, bridge_config=BridgeConfig(every=2, prompt_only=True))
+    randomize_bridge(composition, scale=0.3)
+    prompt = _ids(2, 6, seed=7)
+    new = composition.generate(prompt, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(
+        new,
+        composition.generate(
+            prompt, max_new_tokens=10, eos_token_id=[], specialist_reads_prompt_only=True
+        ),
+    )
+    full = torch.cat([prompt, new], dim=1)
+    labels = full.clone()
+    labels[:, : prompt.shape[1]] = -100
+    with torch.no_grad():
+        logits = composition(full, labels=labels).logits
+    assert torch.equal(logits[:, prompt.shape[1] - 1 : -1].argmax(-1), new)
+    with torch.no_grad():  # without labels nothing marks the prompt: every token is read
+        unmasked = composition(full).logits
+    assert not torch.allclose(unmasked[:, prompt.shape[1] :], logits[:, prompt.shape[1] :])
+
+
 def test_rotary_scores_depend_only_on_the_distance_between_positions():
     from composer.bridge import rotate
 
