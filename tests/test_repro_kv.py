@@ -28,6 +28,11 @@ def test_rows_mean_what_they_say():
     for row in kv.num_math(rng, task, 50):
         a, b = row["prompt"].rstrip("=").split("+")
         assert kv.read_number(row["completion"]) == kv.read_number(a) + kv.read_number(b)
+    for row in kv.num_math_in_context(rng, task, 50):  # "qz+fyk=210+543=" -> "7530"
+        context, expression, rest = row["prompt"].split("=")
+        assert rest == "" and context.replace("+", "").isalpha()
+        a, b = expression.split("+")
+        assert kv.read_number(row["completion"]) == kv.read_number(a) + kv.read_number(b)
     for row in kv.kv_subs(rng, task, 50, list(task.keys)):
         keys, values = row["prompt"].rstrip("=").split("+"), row["completion"].split("+")
         assert [kv.read_number(v) for v in values] == [mapping[k] for k in keys]
@@ -56,7 +61,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         bridge_batch_size=4,
         train_rows=40,
         eval_rows=4,
-        variants=("subs", "worked", "no_mask", "lora"),
+        variants=("subs", "worked", "no_mask", "encoder", "lora"),
     )
     results = run(settings, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -66,8 +71,13 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         "CALM (KV-SUBS data)",
         "CALM (worked KV-MATH data)",
         "no causal mask",
+        "specialist as encoder",
         "LoRA",
     }
+    config = json.loads(
+        (tmp_path / "runs" / "encoder" / "bridge" / "bridge_config.json").read_text()
+    )
+    assert config["bridge"]["prompt_only"] is True
     assert all(0.0 <= v <= 1.0 for col in saved["accuracy"].values() for v in col.values())
     assert "| KV-MATH |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "models" / "anchor" / "kv_meta.json").is_file()

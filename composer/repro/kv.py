@@ -12,6 +12,7 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   CALM (worked KV-MATH)    bridge trained on "keys -> values written in = number" (ours)
   random specialist        CALM (KV-SUBS data) with an untrained specialist of the same shape
   no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
+  specialist as encoder    CALM (KV-SUBS data) whose bridge reads the prompt's states only
   LoRA                     LoRA on the anchor with about as many parameters, same data
 """
 
@@ -59,6 +60,9 @@ class KVSettings:
     # Anchor: 94% NUM-MATH after 3000 steps. Specialist: untied embeddings and lr 1e-3 (tied at
     # 3e-3 diverged to a loss spike and then sat at the digit marginals without memorising).
     anchor: ModelSize = ModelSize(width=192, layers=6, heads=3, steps=3000, batch_size=64, lr=2e-3)
+    # Share of the anchor's NUM-MATH written after an unrelated context (kv.num_math_in_context):
+    # trained on bare expressions only, it could not add after the keys of a worked answer.
+    anchor_context_share: float = 0.5
     specialist: ModelSize = ModelSize(
         width=128, layers=4, heads=4, steps=1500, batch_size=128, lr=1e-3, tie_embeddings=False
     )
@@ -73,7 +77,15 @@ class KVSettings:
     num_math_share: float = 0.2  # keeps the anchor's arithmetic while the bridge trains
     train_rows: int = 20000
     eval_rows: int = 200
-    variants: tuple[str, ...] = ("subs", "math", "worked", "random_specialist", "no_mask", "lora")
+    variants: tuple[str, ...] = (
+        "subs",
+        "math",
+        "worked",
+        "random_specialist",
+        "no_mask",
+        "encoder",
+        "lora",
+    )
     threads: int = 0  # 0: leave torch's default
 
 
@@ -95,6 +107,8 @@ def _meta(task: kv.KeyValueTask, settings: KVSettings, role: str) -> dict[str, A
     size = settings.anchor if role == "anchor" else settings.specialist
     meta: dict[str, Any] = {"role": role, "num_keys": settings.num_keys, **asdict(size)}
     meta.update(operators=settings.operators, operands=list(settings.operands))
+    if role == "anchor" and settings.anchor_context_share:
+        meta["context_share"] = settings.anchor_context_share
     if role == "specialist":  # the specialist memorises this seed's key map; the anchor does not
         meta["seed"] = settings.seed
     return meta
@@ -134,7 +148,9 @@ def prepare_model(
     if role == "anchor":
 
         def sample(rng: random.Random, n: int) -> list[dict]:
-            return kv.num_math(rng, task, n)
+            in_context = round(n * settings.anchor_context_share)
+            rows = kv.num_math(rng, task, n - in_context)
+            return rows + kv.num_math_in_context(rng, task, in_context)
     else:
         sample = _specialist_rows(task)
     logger.info("training the %s (%d steps)", role, size.steps)
@@ -259,7 +275,13 @@ def _composition_generator(composition: Any) -> Callable[[int], Callable]:
 
 
 def _recipe(
-    settings: KVSettings, anchor: Path, specialist: Path, data: Path, *, causal: bool = True
+    settings: KVSettings,
+    anchor: Path,
+    specialist: Path,
+    data: Path,
+    *,
+    causal: bool = True,
+    prompt_only: bool = False,
 ) -> dict[str, Any]:
     return {
         "name": "kv-arithmetic",
@@ -270,6 +292,7 @@ def _recipe(
             "num_heads": settings.bridge_heads,
             "head_dim": settings.bridge_head_dim,
             "causal": causal,
+            "prompt_only": prompt_only,
         },
         "training": {
             "max_steps": settings.bridge_steps,
@@ -400,7 +423,14 @@ def run(settings: KVSettings, output: str | Path) -> Results:
                     tie_embeddings=size.tie_embeddings,
                 ).save_pretrained(specialist)
                 tokenizer.save_pretrained(specialist)
-        recipe = _recipe(settings, anchor_dir, specialist, data, causal=variant != "no_mask")
+        recipe = _recipe(
+            settings,
+            anchor_dir,
+            specialist,
+            data,
+            causal=variant != "no_mask",
+            prompt_only=variant == "encoder",
+        )
         run_dir = output / "runs" / variant
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -411,6 +441,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             "worked": "CALM (worked KV-MATH data)",
             "random_specialist": "random specialist",
             "no_mask": "no causal mask",
+            "encoder": "specialist as encoder",
         }[variant]
         results.accuracy[column] = _score(
             _composition_generator(composition), tokenizer, sets, worked=variant == "worked"

@@ -119,6 +119,26 @@ def num_math(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[st
     return rows
 
 
+def num_math_in_context(rng: random.Random, task: KeyValueTask, count: int) -> list[dict[str, str]]:
+    """NUM-MATH after an unrelated context: "qz+fyk=" + "210+543=" -> "7530".
+
+    The context is an expression over random lowercase strings (not the task's keys, and with no
+    values attached), so the anchor learns to do arithmetic wherever a numeric expression sits in
+    its context, as a general language model does, and still learns nothing about the keys.
+    """
+    rows = []
+    for row in num_math(rng, task, count):
+        ops = [c for c in row["prompt"] if c in "+-"]
+        words = [
+            "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
+            for _ in range(len(ops) + 1)
+        ]
+        rows.append(
+            {"prompt": _join(words, ops) + "=" + row["prompt"], "completion": row["completion"]}
+        )
+    return rows
+
+
 def _keyed_rows(
     rng: random.Random, task: KeyValueTask, count: int, pool: list[str], *, mode: str
 ) -> list[dict[str, str]]:
