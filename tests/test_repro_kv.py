@@ -61,6 +61,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         bridge_batch_size=4,
         train_rows=40,
         eval_rows=4,
+        context_steps=3,
         variants=("subs", "worked", "no_mask", "encoder", "lora"),
     )
     results = run(settings, tmp_path)
@@ -70,6 +71,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         "anchor",
         "CALM (KV-SUBS data)",
         "CALM (worked KV-MATH data)",
+        "anchor (context-trained)",
         "no causal mask",
         "specialist as encoder",
         "LoRA",
@@ -81,5 +83,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
     assert all(0.0 <= v <= 1.0 for col in saved["accuracy"].values() for v in col.values())
     assert "| KV-MATH |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "models" / "anchor" / "kv_meta.json").is_file()
+    continued = json.loads((tmp_path / "models" / "anchor-context" / "kv_meta.json").read_text())
+    assert continued["continued"] == {"steps": 3, "lr": 1e-3, "context_share": 0.5}
     again = run(settings, tmp_path)  # the trained models are reused, not retrained
     assert again.seconds["models"] < results.seconds["models"] or again.seconds["models"] < 2

@@ -9,7 +9,9 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   specialist / anchor      each model alone
   CALM (KV-SUBS data)      bridge trained on held-in KV-SUBS + 20% NUM-MATH
   CALM (KV-MATH data)      bridge trained on held-in KV-MATH + 20% NUM-MATH
-  CALM (worked KV-MATH)    bridge trained on "keys -> values written in = number" (ours)
+  CALM (worked KV-MATH)    bridge trained on "keys -> values written in = number" (ours), on
+                           an anchor trained further to add after an unrelated context
+  anchor (context-trained) that anchor alone
   random specialist        CALM (KV-SUBS data) with an untrained specialist of the same shape
   no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
   specialist as encoder    CALM (KV-SUBS data) whose bridge reads the prompt's states only
@@ -60,9 +62,14 @@ class KVSettings:
     # Anchor: 94% NUM-MATH after 3000 steps. Specialist: untied embeddings and lr 1e-3 (tied at
     # 3e-3 diverged to a loss spike and then sat at the digit marginals without memorising).
     anchor: ModelSize = ModelSize(width=192, layers=6, heads=3, steps=3000, batch_size=64, lr=2e-3)
-    # Share of the anchor's NUM-MATH written after an unrelated context (kv.num_math_in_context):
-    # trained on bare expressions only, it could not add after the keys of a worked answer.
-    anchor_context_share: float = 0.5
+    # The worked variant's anchor: the anchor above, trained on further NUM-MATH of which this
+    # share is written after an unrelated context (kv.num_math_in_context). Trained on bare
+    # expressions only, it could not add after the keys of a worked answer. Trained so from the
+    # start, it had not learnt to add after 2,000 steps (loss 0.93); continued from the anchor,
+    # it did (docs/REPRODUCTION.md).
+    context_steps: int = 1000  # batches of anchor.batch_size
+    context_lr: float = 1e-3
+    context_share: float = 0.5
     specialist: ModelSize = ModelSize(
         width=128, layers=4, heads=4, steps=1500, batch_size=128, lr=1e-3, tie_embeddings=False
     )
@@ -107,8 +114,6 @@ def _meta(task: kv.KeyValueTask, settings: KVSettings, role: str) -> dict[str, A
     size = settings.anchor if role == "anchor" else settings.specialist
     meta: dict[str, Any] = {"role": role, "num_keys": settings.num_keys, **asdict(size)}
     meta.update(operators=settings.operators, operands=list(settings.operands))
-    if role == "anchor" and settings.anchor_context_share:
-        meta["context_share"] = settings.anchor_context_share
     if role == "specialist":  # the specialist memorises this seed's key map; the anchor does not
         meta["seed"] = settings.seed
     return meta
@@ -148,9 +153,7 @@ def prepare_model(
     if role == "anchor":
 
         def sample(rng: random.Random, n: int) -> list[dict]:
-            in_context = round(n * settings.anchor_context_share)
-            rows = kv.num_math(rng, task, n - in_context)
-            return rows + kv.num_math_in_context(rng, task, in_context)
+            return kv.num_math(rng, task, n)
     else:
         sample = _specialist_rows(task)
     logger.info("training the %s (%d steps)", role, size.steps)
@@ -162,6 +165,58 @@ def prepare_model(
         batch_size=size.batch_size,
         lr=size.lr,
         seed=settings.seed if role == "specialist" else 0,  # the anchor never sees the keys
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "kv_meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def prepare_context_anchor(
+    task: kv.KeyValueTask,
+    settings: KVSettings,
+    anchor: Path,
+    out: Path,
+    *,
+    shipped: Path = SHIPPED,
+) -> Path:
+    """The worked variant's anchor: ``anchor`` trained further on NUM-MATH, part of it after an
+    unrelated context (no keys, no values); the shipped copy when it matches."""
+    from transformers import AutoModelForCausalLM
+
+    from composer.repro.pretrain import train_lm
+
+    meta = {
+        **_meta(task, settings, "anchor"),
+        "continued": {
+            "steps": settings.context_steps,
+            "lr": settings.context_lr,
+            "context_share": settings.context_share,
+        },
+    }
+    for candidate in (out, shipped / "kv-anchor-context"):
+        meta_file = candidate / "kv_meta.json"
+        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+            logger.info("using the context anchor in %s", candidate)
+            return candidate
+    model = AutoModelForCausalLM.from_pretrained(anchor, dtype=torch.float32)
+    tokenizer = make_tokenizer()
+
+    def sample(rng: random.Random, n: int) -> list[dict]:
+        in_context = round(n * settings.context_share)
+        rows = kv.num_math(rng, task, n - in_context)
+        return rows + kv.num_math_in_context(rng, task, in_context)
+
+    logger.info("training the context anchor (%d more steps)", settings.context_steps)
+    train_lm(
+        model,
+        tokenizer,
+        sample,
+        steps=settings.context_steps,
+        batch_size=settings.anchor.batch_size,
+        lr=settings.context_lr,
+        seed=0,  # like the anchor, it never sees the keys
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -409,7 +464,22 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             results.accuracy["LoRA"] = _score(_hf_generator(model), tokenizer, sets)
             results.seconds["LoRA"] = time.perf_counter() - clock
             continue
-        specialist = specialist_dir
+        specialist, anchor = specialist_dir, anchor_dir
+        if variant == "worked":
+            anchor = prepare_context_anchor(
+                task, settings, anchor_dir, output / "models" / "anchor-context"
+            )
+            alone = load_composition(
+                {
+                    "anchor": str(anchor),
+                    "specialist": str(specialist_dir),
+                    "bridge": {"pairs": [list(p) for p in settings.bridge_pairs]},
+                },
+                device="cpu",
+            ).anchor
+            results.accuracy["anchor (context-trained)"] = _score(
+                _hf_generator(alone), tokenizer, sets
+            )
         if variant == "random_specialist":
             specialist = output / "models" / "random-specialist"
             if not (specialist / "config.json").is_file():
@@ -425,7 +495,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
                 tokenizer.save_pretrained(specialist)
         recipe = _recipe(
             settings,
-            anchor_dir,
+            anchor,
             specialist,
             data,
             causal=variant != "no_mask",
