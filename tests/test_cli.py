@@ -108,6 +108,11 @@ def test_plan_and_train_commands(recipe, tmp_path, capsys):
 
     assert main(["plan", str(trainable)]) == 0
     assert "GiB" in capsys.readouterr().out
+    assert main(["plan", str(trainable), "--gpu-gb", "6"]) == 0
+    assert "fits in a 6 GiB CUDA GPU: 6.00 GiB free of 6.00 GiB" in capsys.readouterr().out
+    assert main(["plan", str(trainable), "--gpu-gb", "0.0001"]) == 0
+    assert "does NOT fit in a 0.0001 GiB CUDA GPU" in capsys.readouterr().out
+    assert main(["plan", str(trainable), "--gpu-gb", "-1"]) == 2
 
     assert main(["train", str(trainable), "--output", str(tmp_path / "run")]) == 0
     assert "bridge saved to" in capsys.readouterr().out
