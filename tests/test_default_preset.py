@@ -11,7 +11,10 @@ from composer.presets import read_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "kv-arithmetic.yaml"
-PROMISED_KV_SUBS = 0.80  # held-out keys; the preset's `expect` states the measured number
+# Held-out keys; the preset's `expect` states the measured numbers (85.5% and 96.5%), the
+# margin allows for thread-count rounding differences between machines.
+PROMISED_KV_MATH = 0.75  # the sum after the worked substitution
+PROMISED_VALUES = 0.85  # the values written in
 
 
 def test_default_preset_is_valid_and_ships_its_models_and_data():
@@ -40,10 +43,21 @@ def test_default_preset_trains_and_transfers_to_held_out_keys(tmp_path):
 
     def generate(ids, mask):
         return composition.generate(
-            ids, attention_mask=mask, max_new_tokens=10, eos_token_id=2, pad_token_id=0
+            ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
         )
 
-    accuracy = exact_match(generate, composition.tokenizer, held_out)
-    assert accuracy >= PROMISED_KV_SUBS, f"held-out KV-SUBS exact match {accuracy:.3f}"
+    def answer(text: str) -> str:
+        return text.split("=")[-1]
+
+    def values(text: str) -> str:
+        return text.split("=")[0]
+
+    sums = [{**r, "completion": answer(r["completion"])} for r in held_out]
+    written = [{**r, "completion": values(r["completion"])} for r in held_out]
+    tokenizer = composition.tokenizer
+    kv_math = exact_match(generate, tokenizer, sums, part=answer)
+    assert kv_math >= PROMISED_KV_MATH, f"held-out KV-MATH exact match {kv_math:.3f}"
+    substituted = exact_match(generate, tokenizer, written, part=values)
+    assert substituted >= PROMISED_VALUES, f"held-out values written in {substituted:.3f}"
     with torch.no_grad(), composition.bridge_off():  # the anchor alone cannot do it
-        assert exact_match(generate, composition.tokenizer, held_out[:50]) == 0.0
+        assert exact_match(generate, tokenizer, sums[:50], part=answer) == 0.0
