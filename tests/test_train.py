@@ -257,9 +257,10 @@ def _stop_at_forward(monkeypatch, n: int, action) -> None:  # noqa: ANN001
     calls = {"n": 0}
 
     def counting(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls["n"] += 1
-        if calls["n"] == n:
-            action()
+        if self.training:  # the n-th training step's forward; eval passes run in eval mode
+            calls["n"] += 1
+            if calls["n"] == n:
+                action()
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(Composition, "forward", counting)
