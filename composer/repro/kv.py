@@ -128,6 +128,23 @@ def _specialist_rows(task: kv.KeyValueTask) -> Callable[[random.Random, int], li
     return sample
 
 
+def _matching(meta: dict[str, Any], candidates: tuple[Path, ...]) -> Path | None:
+    """The first folder whose kv_meta.json equals ``meta`` (a model trained the same way)."""
+    for candidate in candidates:
+        meta_file = candidate / "kv_meta.json"
+        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+            return candidate
+    return None
+
+
+def _save(model: Any, tokenizer: Any, meta: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "kv_meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
 def prepare_model(
     role: str, task: kv.KeyValueTask, settings: KVSettings, out: Path, *, shipped: Path = SHIPPED
 ) -> Path:
@@ -135,11 +152,10 @@ def prepare_model(
     from composer.repro.pretrain import small_llama, train_lm
 
     meta = _meta(task, settings, role)
-    for candidate in (out, shipped / f"kv-{role}"):
-        meta_file = candidate / "kv_meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
-            logger.info("using the %s in %s", role, candidate)
-            return candidate
+    found = _matching(meta, (out, shipped / f"kv-{role}"))
+    if found is not None:
+        logger.info("using the %s in %s", role, found)
+        return found
     size = settings.anchor if role == "anchor" else settings.specialist
     tokenizer = make_tokenizer()
     model = small_llama(
@@ -166,11 +182,7 @@ def prepare_model(
         lr=size.lr,
         seed=settings.seed if role == "specialist" else 0,  # the anchor never sees the keys
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "kv_meta.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return _save(model, tokenizer, meta, out)
 
 
 def prepare_context_anchor(
@@ -195,11 +207,10 @@ def prepare_context_anchor(
             "context_share": settings.context_share,
         },
     }
-    for candidate in (out, shipped / "kv-anchor-context"):
-        meta_file = candidate / "kv_meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
-            logger.info("using the context anchor in %s", candidate)
-            return candidate
+    found = _matching(meta, (out, shipped / "kv-anchor-context"))
+    if found is not None:
+        logger.info("using the context anchor in %s", found)
+        return found
     model = AutoModelForCausalLM.from_pretrained(anchor, dtype=torch.float32)
     tokenizer = make_tokenizer()
 
@@ -218,11 +229,7 @@ def prepare_context_anchor(
         lr=settings.context_lr,
         seed=0,  # like the anchor, it never sees the keys
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "kv_meta.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return _save(model, tokenizer, meta, out)
 
 
 def bridge_rows(
