@@ -399,10 +399,12 @@ def _build_optimizer(
         )
         name = "adamw"
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    import bitsandbytes as bnb
+        cls: type[torch.optim.Optimizer] = torch.optim.AdamW
+    else:
+        import bitsandbytes as bnb
 
-    cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    logger.info("optimizer: %s.%s", cls.__module__, cls.__name__)
     return cls(groups, lr=config.lr)
 
 
