@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from composer.memory import GIB, plan, probe_device  # noqa: E402
+from composer.memory import GIB, configure_cuda_allocator, plan, probe_device  # noqa: E402
 
 GPU_PRESETS = ("presets/qwen2.5-7b-coder-gpu.yaml", "presets/qwen2.5-7b-math-gpu.yaml")
 DEVICE = torch.device("cuda")
@@ -201,6 +201,7 @@ def train_7b(report: Report, built: dict[str, Any], steps: int) -> Any:
         train(recipe, output_dir=Path(tmp) / "run", composition=composition)
         wall = time.perf_counter() - start
         records = progress.read_progress(Path(tmp) / "run")
+        reserved = torch.cuda.max_memory_reserved() if DEVICE.type == "cuda" else 0
     peak = max(r["peak_memory_bytes"] for r in records)
     steady = [r["tokens_per_second"] for r in records[2:]] or [records[-1]["tokens_per_second"]]
     report.put(
@@ -211,6 +212,7 @@ def train_7b(report: Report, built: dict[str, Any], steps: int) -> Any:
         optimizer=training.get("optimizer", "adamw"),
         weights_resident_gib=round(resident / GIB, 2),
         training_peak_gib=round(peak / GIB, 2),
+        training_peak_reserved_gib=round(reserved / GIB, 2),  # the allocator's cache too
         training_peak_over_plan=round(peak / (report.data["7b"]["planned_total_gib"] * GIB), 3),
         train_tokens_per_s=round(statistics.median(steady), 1),
         train_s_per_step=round(
@@ -326,6 +328,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     global DEVICE, TINY
+    configure_cuda_allocator()  # as loading and training do, before CUDA starts
     args = parse_args(argv)
     TINY = args.tiny
     if not torch.cuda.is_available():

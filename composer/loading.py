@@ -251,6 +251,9 @@ def load_model(
     """Load a frozen causal LM (eval mode, no gradients) and, by default, its tokenizer."""
     from transformers import AutoModelForCausalLM
 
+    from composer.memory import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before the first CUDA allocation, or it has no effect
     device = torch.device(device) if device is not None else default_device()
     location = locate(spec)
     load_config(spec, location)

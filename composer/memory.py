@@ -6,12 +6,16 @@ and is exact for any architecture transformers knows.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -79,6 +83,35 @@ def probe_device(device: torch.device | None = None) -> DeviceMemory:
     except (ValueError, OSError):
         available = total
     return DeviceMemory(name="cpu (system RAM)", total_bytes=total, available_bytes=available)
+
+
+# Environment variables that choose the CUDA caching allocator's settings (the second is the
+# newer name, torch >= 2.9); either one set means the user chose.
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+DEFAULT_CUDA_ALLOCATOR = "expandable_segments:True"
+
+
+def allocator_setting(environ: Mapping[str, str]) -> str | None:
+    """The CUDA allocator setting to add, or None where the user already chose one (pure).
+
+    Expandable segments let the caching allocator grow a segment in place instead of holding
+    fragmented blocks. Measured on an H100 (docs/BENCHMARKS.md), same allocated peak: the 7B
+    coder preset reserved 14.26 GiB with it and 15.44 GiB without; the math preset 11.13 vs
+    12.44 GiB: the difference between fitting a 16 / 12 GB card or not.
+    """
+    if any(name in environ for name in ALLOCATOR_ENV):
+        return None
+    return DEFAULT_CUDA_ALLOCATOR
+
+
+def configure_cuda_allocator() -> bool:
+    """Set the allocator's settings before CUDA starts (it reads them once); True if it did."""
+    setting = allocator_setting(os.environ)
+    if setting is None or torch.cuda.is_initialized():
+        return False
+    os.environ[ALLOCATOR_ENV[0]] = setting
+    logger.debug("%s=%s", ALLOCATOR_ENV[0], setting)
+    return True
 
 
 def gib(n: float) -> str:

@@ -457,6 +457,9 @@ def train(
     """
     from accelerate import Accelerator
 
+    from composer.memory import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before accelerate touches CUDA (no effect once it has)
     config, training, data = read_training_settings(recipe, recipe_dir=recipe_dir)
     output = Path(output_dir).resolve()
     cuda = torch.cuda.is_available()

@@ -477,6 +477,28 @@ def test_plan_scales_sensibly(models, tmp_path):
     assert any(line.startswith("fits in ") for line in lines)
 
 
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    from composer.memory import (
+        ALLOCATOR_ENV,
+        DEFAULT_CUDA_ALLOCATOR,
+        allocator_setting,
+        configure_cuda_allocator,
+    )
+
+    assert allocator_setting({}) == DEFAULT_CUDA_ALLOCATOR == "expandable_segments:True"
+    for name in ALLOCATOR_ENV:
+        assert allocator_setting({name: "max_split_size_mb:128"}) is None
+    for name in ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert not configure_cuda_allocator() and ALLOCATOR_ENV[0] not in os.environ  # too late
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert configure_cuda_allocator() and os.environ[ALLOCATOR_ENV[0]] == DEFAULT_CUDA_ALLOCATOR
+    monkeypatch.setenv(ALLOCATOR_ENV[0], "max_split_size_mb:128")
+    assert not configure_cuda_allocator()
+    assert os.environ[ALLOCATOR_ENV[0]] == "max_split_size_mb:128"  # the user's choice stays
+
+
 def test_a_given_composition_is_trained_in_place(models, tmp_path):
     from composer.loading import load_composition
 
