@@ -614,7 +614,12 @@ def _load_examples(
 
 
 def preview(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_length: int, n: int = 5
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    n: int = 5,
+    columns: Mapping[str, str] | None = None,  # as in load_dataset: renamed before anything
 ) -> list[dict[str, Any]]:
     """Show how the first ``n`` rows of a file will be trained on, for a UI.
 
@@ -627,7 +632,7 @@ def preview(
     :func:`load_dataset`.
     """
     _check_max_length(max_length)
-    rows = read_rows(path)
+    rows = rename_columns(read_rows(path), columns)
     if not rows:
         raise ConfigError(f"{path} has no examples; check that you picked the right file")
     fmt = detect_format(rows, source=str(path))

@@ -218,6 +218,19 @@ def test_data_preview_shows_format_rows_as_trained_and_row_errors(session):
     assert view.preview[0]["loss_spans"] == [f"{first['completion']}<eos>"]
 
 
+def test_data_preview_applies_the_recipes_column_names(session, tmp_path):
+    rows = [{"question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(4)]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    session.recipe["data"] = {"train": str(path)}
+    with pytest.raises(ConfigError, match="format"):  # question/answer is no known shape
+        recipe.preview_data(session, str(path))
+    session.recipe["data"]["columns"] = {"question": "prompt", "answer": "completion"}
+    view = recipe.preview_data(session, str(path), n=2)
+    assert view.format == "prompt_completion" and view.rows == 4 and view.problems == []
+    assert [p["loss_spans"] for p in view.preview] == [["0<eos>"], ["2<eos>"]]
+
+
 def test_uploaded_and_broken_files(session, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{not json\n')

@@ -336,6 +336,11 @@ def test_columns_map_a_datasets_own_names(tok, tmp_path):
     split = data.load_dataset(tmp_path / "gsm.parquet", tok, max_length=32, columns=columns)
     assert split.format == "prompt_completion"
     assert [loss_text(tok, ex) for ex in split.train] == ["2<eos>", "4<eos>"]
+    shown = data.preview(tmp_path / "gsm.parquet", tok, max_length=32, columns=columns)
+    assert [(p["format"], p["loss_text"], p["problem"]) for p in shown] == [
+        ("prompt_completion", "2<eos>", None),
+        ("prompt_completion", "4<eos>", None),
+    ]
     config = DataConfig.from_mapping({"train": "gsm.parquet", "columns": columns})
     assert config.columns == columns
     with pytest.raises(ConfigError, match=r"data.columns is .*one of text, prompt, completion"):

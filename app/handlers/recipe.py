@@ -384,8 +384,8 @@ def preview_data(
     session: Session, path: str, *, max_length: int | None = None, n: int = 5
 ) -> DataView:
     """Detect the file's format, show its first rows as trained on, and check every row."""
-    from composer.data import detect_format, preview, read_rows, validate_rows
-    from composer.training_config import TrainingConfig
+    from composer.data import detect_format, preview, read_rows, rename_columns, validate_rows
+    from composer.training_config import DataConfig, TrainingConfig
 
     path = (path or "").strip()
     if not path:
@@ -395,11 +395,12 @@ def preview_data(
     config = current_recipe(session)
     if max_length is None:
         max_length = TrainingConfig.from_mapping(config.training).max_length
-    rows = read_rows(path)
+    columns = DataConfig.from_mapping(config.data).columns  # the recipe's renaming, as trained
+    rows = rename_columns(read_rows(path), columns)
     if not rows:
         raise ConfigError(f"{path} has no rows; check that you picked the right file")
     fmt = detect_format(rows, source=path)
     problems = [(p.row, p.message) for p in validate_rows(rows, fmt, source=path)]
     tokenizer = tokenizer_for(session, config.anchor)
-    shown = preview(path, tokenizer, max_length=max_length, n=n)
+    shown = preview(path, tokenizer, max_length=max_length, n=n, columns=columns)
     return DataView(format=fmt, rows=len(rows), preview=shown, problems=problems)
