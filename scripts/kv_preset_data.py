@@ -19,13 +19,6 @@ from composer.repro.kv import KVSettings, bridge_rows, eval_sets
 OUT = Path(__file__).resolve().parents[1] / "presets" / "data"
 
 
-def worked(task: kv.KeyValueTask, prompt: str) -> dict[str, str]:
-    keys = prompt.rstrip("=").split("+")
-    values = [task.mapping[k] for k in keys]
-    substituted = "+".join(task.operand(v) for v in values)
-    return {"prompt": prompt, "completion": f"{substituted}={task.answer(sum(values))}"}
-
-
 def main(seed: int) -> None:
     settings = replace(KVSettings(), seed=seed)
     task = kv.make_task(
@@ -38,7 +31,10 @@ def main(seed: int) -> None:
     train = bridge_rows(
         task, "worked", count=settings.train_rows, num_math_share=settings.num_math_share, seed=seed
     )
-    held_out = [worked(task, row["prompt"]) for row in eval_sets(task, settings)["KV-MATH"]]
+    held_out = [
+        kv.answer_prompt(task, row["prompt"], "worked")
+        for row in eval_sets(task, settings)["KV-MATH"]
+    ]
     for name, rows in (("train", train), ("heldout", held_out)):
         path = OUT / f"kv-arithmetic-{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

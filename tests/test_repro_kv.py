@@ -37,6 +37,20 @@ def test_rows_mean_what_they_say():
         keys, values = row["prompt"].rstrip("=").split("+"), row["completion"].split("+")
         assert [kv.read_number(v) for v in values] == [mapping[k] for k in keys]
     assert task.answer(357) == "7530" and task.operand(12) == "210"
+    for row in kv.kv_worked(rng, task, 20, list(task.keys)):  # "ab+cde=" -> "210+543=7530"
+        substituted, answer = row["completion"].split("=")
+        values = [kv.read_number(v) for v in substituted.split("+")]
+        assert values == [mapping[k] for k in row["prompt"].rstrip("=").split("+")]
+        assert kv.read_number(answer) == sum(values)
+        for mode in ("subs", "math", "worked"):  # an existing prompt answered the same way
+            assert kv.answer_prompt(task, row["prompt"], mode)["completion"] == kv.completion(
+                task, row["prompt"].rstrip("=").split("+"), ["+"], mode
+            )
+        assert kv.answer_prompt(task, row["prompt"], "worked") == row
+    minus = kv.make_task(seed=0, num_keys=50, operators="+-")
+    a, b = minus.keys[:2]
+    expected = minus.answer(minus.mapping[a] - minus.mapping[b])
+    assert kv.answer_prompt(minus, f"{a}-{b}=", "math")["completion"] == expected
 
 
 def test_bridge_data_uses_only_held_in_keys():

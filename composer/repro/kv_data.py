@@ -18,6 +18,7 @@ keys (evaluation only).
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -139,20 +140,31 @@ def num_math_in_context(rng: random.Random, task: KeyValueTask, count: int) -> l
     return rows
 
 
+def completion(task: KeyValueTask, keys: list[str], ops: list[str], mode: str) -> str:
+    """What an expression over keys is answered with: subs, math or worked (see below)."""
+    values = [task.mapping[k] for k in keys]
+    substituted = _join([task.operand(v) for v in values], ops)
+    answer = task.answer(evaluate(values, ops))
+    return {"subs": substituted, "math": answer, "worked": f"{substituted}={answer}"}[mode]
+
+
+def answer_prompt(task: KeyValueTask, prompt: str, mode: str) -> dict[str, str]:
+    """A row for an existing keyed prompt such as "ab+cde=", answered in ``mode``."""
+    expression = prompt.removesuffix("=")
+    ops = [c for c in expression if c in task.operators]
+    keys = re.split("[" + re.escape(task.operators) + "]", expression)
+    return {"prompt": prompt, "completion": completion(task, keys, ops, mode)}
+
+
 def _keyed_rows(
     rng: random.Random, task: KeyValueTask, count: int, pool: list[str], *, mode: str
 ) -> list[dict[str, str]]:
-    mapping = task.mapping
     rows = []
     for _ in range(count):
         keys, ops = _expression(rng, task, pool)
-        values = [mapping[k] for k in keys]
-        substituted = _join([task.operand(v) for v in values], ops)
-        answer = task.answer(evaluate(values, ops))
-        completion = {"subs": substituted, "math": answer, "worked": f"{substituted}={answer}"}[
-            mode
-        ]
-        rows.append({"prompt": _join(keys, ops) + "=", "completion": completion})
+        rows.append(
+            {"prompt": _join(keys, ops) + "=", "completion": completion(task, keys, ops, mode)}
+        )
     return rows
 
 
