@@ -71,7 +71,7 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
         x_title="step",
         y_title="loss per token",
         color_map={"raw": "#9aa5b1", "smoothed": "#e07b00", "eval": "#2563eb"},
-        height=340,
+        # no fixed height: with one, Gradio's chart clips its own legend (series names) away
         elem_id="loss-plot",
     )
     log = gr.Textbox(
