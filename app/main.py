@@ -55,6 +55,7 @@ def build_app(
 
         recipe_outputs = [
             composing.preset_info,
+            composing.fetch_button,
             *composing.model_fields,
             *training.fields,
             dataset.path,
@@ -64,6 +65,7 @@ def build_app(
             current = session.recipe
             return [
                 compose.preset_markdown(session),
+                compose.fetch_button_update(session),
                 *compose.model_values(current),
                 *train.hyperparameter_values(session),
                 (current.get("data") or {}).get("train", ""),
@@ -92,6 +94,13 @@ def build_app(
             [composing.report, composing.pairs, composing.picture],
             api_name="check_preset",
         ).then(preview_if_ready, dataset.path, dataset.outputs, api_name="preview_preset_data")
+
+        composing.fetched.then(
+            check_if_ready,
+            None,
+            [composing.report, composing.pairs, composing.picture],
+            api_name="check_after_fetch",
+        )
 
         def on_load() -> list[Any]:
             for problem in session.preset_problems:

@@ -84,7 +84,7 @@ def test_without_a_default_preset_models_are_chosen_by_hand(presets, tmp_path):
     assert report.pairs == list(default_pairs(anchor_layers=6, specialist_layers=8, every=4))
 
 
-def test_a_preset_whose_model_file_is_missing_says_how_to_fetch_it(presets, tmp_path):
+def test_a_preset_whose_model_file_is_missing_says_how_to_fetch_it(presets, tmp_path, monkeypatch):
     from app.tabs.compose import preset_markdown
 
     folder = tmp_path / "presets"
@@ -102,6 +102,27 @@ def test_a_preset_whose_model_file_is_missing_says_how_to_fetch_it(presets, tmp_
     shown = preset_markdown(session)
     assert f"{folder.resolve() / 'models' / gguf}" in shown
     assert f"calm-composer fetch {folder.resolve() / 'real.yaml'}" in shown
+    assert [role for role, _, _ in recipe.missing_model_files(session)] == ["specialist"]
+
+    # The app's fetch button: composer.model_files.fetch for each missing file, line by line.
+    import composer.model_files
+
+    def fake_fetch(model, dest, *, wheels=None, report):
+        assert wheels is None and model.file_name == gguf
+        report(f"joining {model.parts} parts")
+        Path(dest).write_bytes(b"GGUF")
+        return Path(dest)
+
+    monkeypatch.setattr(composer.model_files, "fetch", fake_fetch)
+    lines: list[str] = []
+    written = recipe.fetch_missing_models(session, report=lines.append)
+    assert written == [folder.resolve() / "models" / gguf] and written[0].is_file()
+    assert lines[0].startswith("fetching the specialist: Qwen2.5-Coder-0.5B") and "done" in lines
+    assert "Model file missing" not in preset_markdown(session)
+    assert recipe.missing_model_files(session) == []
+    again: list[str] = []
+    assert recipe.fetch_missing_models(session, report=again.append) == []
+    assert again == ["every model file of this recipe is already there"]
 
 
 def test_check_pair_shows_pairs_size_and_memory_without_loading(session):

