@@ -81,3 +81,19 @@ def randomize_bridge(composition, *, seed: int = 0, scale: float = 0.5) -> None:
     with torch.no_grad():
         for p in composition.bridge.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    """A pico anchor (width 128 so 4-bit blocks fit) and specialist saved as HF folders, with
+    the character tokenizer."""
+    from composer.chartok import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_char_tokenizer()
+    anchor = pico_llama(width=128, vocab_size=len(tokenizer))
+    specialist = pico_qwen2(vocab_size=len(tokenizer))
+    for name, model in (("anchor", anchor), ("specialist", specialist)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root

@@ -28,23 +28,6 @@ pytestmark = [
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(scope="module")
-def saved_pair(tmp_path_factory):
-    """A pico anchor (width 128 so 4-bit blocks fit) and specialist saved as HF folders."""
-    from composer.chartok import build_char_tokenizer
-    from tests.conftest import pico_qwen2
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_char_tokenizer()
-    for name, model in (
-        ("anchor", pico_llama(width=128, vocab_size=len(tokenizer))),
-        ("specialist", pico_qwen2(vocab_size=len(tokenizer))),
-    ):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
 def _recipe(root, **sections):
     return {
         "anchor": {"model": str(root / "anchor"), "quantization": "nf4"},

@@ -11,22 +11,7 @@ import torch
 from composer import ConfigError, compose
 from composer.config import BridgeConfig, ModelSpec
 from composer.loading import load_composition, load_model, locate
-from tests.conftest import pico_llama, pico_qwen2, randomize_bridge
-
-
-@pytest.fixture(scope="module")
-def saved_pair(tmp_path_factory):
-    """A pico anchor (width 128 so 4-bit blocks fit) and specialist saved as HF folders."""
-    from composer.chartok import build_char_tokenizer
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_char_tokenizer()
-    anchor = pico_llama(width=128, vocab_size=len(tokenizer))
-    specialist = pico_qwen2(vocab_size=len(tokenizer))
-    for name, model in (("anchor", anchor), ("specialist", specialist)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
+from tests.conftest import pico_llama, randomize_bridge
 
 
 def test_folder_loads_frozen_in_eval_mode(saved_pair):
