@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="check the script itself: 2-layer, narrow versions of the configs, on the CPU "
+        help="check the script itself: 8-layer, 256-wide versions of the configs, on the CPU "
         "when there is no GPU (the numbers mean nothing)",
     )
     return parser.parse_args(argv)
