@@ -101,3 +101,35 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
     assert continued["continued"] == {"steps": 3, "lr": 1e-3, "context_share": 0.5}
     again = run(settings, tmp_path)  # the trained models are reused, not retrained
     assert again.seconds["models"] < results.seconds["models"] or again.seconds["models"] < 2
+
+
+def test_a_run_that_fails_keeps_the_columns_it_measured(tmp_path, monkeypatch):
+    import pytest
+
+    from composer.repro import kv as harness
+
+    tiny = ModelSize(width=32, layers=2, heads=2, steps=3, batch_size=8, lr=1e-3)
+    settings = replace(
+        KVSettings(),
+        num_keys=30,
+        anchor=tiny,
+        specialist=tiny,
+        bridge_pairs=((0, 1), (1, 1)),
+        bridge_heads=2,
+        bridge_head_dim=8,
+        bridge_steps=2,
+        bridge_batch_size=4,
+        train_rows=40,
+        eval_rows=4,
+        variants=("subs", "lora"),
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stopped while training LoRA")
+
+    monkeypatch.setattr(harness, "_train_lora", broken)
+    with pytest.raises(RuntimeError, match="stopped while training LoRA"):
+        run(settings, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["accuracy"]) == {"specialist", "anchor", "CALM (KV-SUBS data)"}
+    assert "CALM (KV-SUBS data)" in (tmp_path / "results.md").read_text()

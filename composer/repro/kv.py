@@ -451,6 +451,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
     )
     results.accuracy["specialist"] = _score(_hf_generator(base.specialist), tokenizer, sets)
     results.accuracy["anchor"] = _score(_hf_generator(base.anchor), tokenizer, sets)
+    _save_results(results, output)
 
     for variant in settings.variants:
         clock = time.perf_counter()
@@ -470,6 +471,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             model = _train_lora(settings, anchor_dir, rows, target)
             results.accuracy["LoRA"] = _score(_hf_generator(model), tokenizer, sets)
             results.seconds["LoRA"] = time.perf_counter() - clock
+            _save_results(results, output, column="LoRA")
             continue
         specialist, anchor = specialist_dir, anchor_dir
         if variant == "worked":
@@ -525,10 +527,17 @@ def run(settings: KVSettings, output: str | Path) -> Results:
         )
         results.train_loss[column] = loss
         results.seconds[column] = time.perf_counter() - clock
+        _save_results(results, output, column=column)
+    return results
+
+
+def _save_results(results: Results, output: Path, *, column: str | None = None) -> None:
+    """results.json and results.md as they stand: after every column, so a long run that is
+    stopped keeps what it measured."""
+    if column is not None:
         logger.info("%s: %s", column, results.accuracy[column])
     (output / "results.json").write_text(json.dumps(asdict(results), indent=2))
     (output / "results.md").write_text(markdown(results))
-    return results
 
 
 PAPER = {  # Table 1 of the paper: specialist / anchor / CALM, exact match %
