@@ -99,8 +99,15 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
     assert (tmp_path / "models" / "anchor" / "kv_meta.json").is_file()
     continued = json.loads((tmp_path / "models" / "anchor-context" / "kv_meta.json").read_text())
     assert continued["continued"] == {"steps": 3, "lr": 1e-3, "context_share": 0.5}
+    bridge_file = tmp_path / "runs" / "subs" / "bridge" / "bridge.safetensors"
+    made = bridge_file.stat().st_mtime_ns
     again = run(settings, tmp_path)  # the trained models are reused, not retrained
     assert again.seconds["models"] < results.seconds["models"] or again.seconds["models"] < 2
+    assert bridge_file.stat().st_mtime_ns == made  # same inputs: the finished bridge is reused
+    assert again.accuracy == results.accuracy
+    retrained = run(replace(settings, bridge_steps=3, variants=("subs",)), tmp_path)
+    assert bridge_file.stat().st_mtime_ns != made  # other settings: trained again
+    assert retrained.train_loss["CALM (KV-SUBS data)"] != results.train_loss["CALM (KV-SUBS data)"]
 
 
 def test_a_run_that_fails_keeps_the_columns_it_measured(tmp_path, monkeypatch):

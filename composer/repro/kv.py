@@ -375,13 +375,47 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+_INPUTS = "repro_inputs.json"  # in a bridge run's folder: what the bridge was made from
+
+
+def _inputs(recipe: dict) -> dict[str, Any]:
+    """A bridge run's inputs: its recipe and the contents (sha256) of its data and model files."""
+    from composer.loading import file_sha256
+
+    files = [Path(recipe["data"]["train"])]
+    for role in ("anchor", "specialist"):
+        files += sorted(Path(recipe[role]["model"]).glob("*.safetensors"))
+    return {"recipe": recipe, "sha256": {str(f): file_sha256(f) for f in files}}
+
+
+def _finished_bridge(recipe: dict, out: Path) -> Path | None:
+    """The bridge a finished earlier run left in ``out`` when it was made from the same inputs
+    (recipe, data and model contents); else None."""
+    from composer.progress import read_status
+
+    try:
+        saved = json.loads((out / _INPUTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    finished = (read_status(out) or {}).get("state") == "finished"
+    return out / "bridge" if finished and saved == _inputs(recipe) else None
+
+
 def _train_calm(recipe: dict, out: Path) -> tuple[Any, float]:
-    """Train a bridge with the engine; return the loaded composition and its last train loss."""
+    """Train a bridge with the engine (or reuse the one a finished earlier run made with the same
+    inputs); return the loaded composition and its last logged training loss."""
     from composer.loading import load_composition
     from composer.progress import read_progress
     from composer.train import train
 
-    bridge = train(recipe, output_dir=out)
+    bridge = _finished_bridge(recipe, out)
+    if bridge is not None:
+        logger.info("using the bridge already trained in %s from the same inputs", out)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        bridge = train(recipe, output_dir=out)
+        (out / _INPUTS).write_text(json.dumps(_inputs(recipe), indent=2), encoding="utf-8")
     losses = [r["loss"] for r in read_progress(out) if r.get("loss") is not None]
     return load_composition(recipe, bridge=bridge, device="cpu"), losses[-1]
 
@@ -393,7 +427,8 @@ def _train_lora(settings: KVSettings, anchor_dir: Path, rows: list[dict], target
 
     from composer.repro.pretrain import batch_of
 
-    model = AutoModelForCausalLM.from_pretrained(anchor_dir)
+    # float32 as the bridge runs get it (the anchor ships in float16, 50x slower on a CPU)
+    model = AutoModelForCausalLM.from_pretrained(anchor_dir, dtype=torch.float32)
     d, layers = model.config.hidden_size, model.config.num_hidden_layers
     per_rank = layers * 4 * (2 * d)  # q, k, v, o: each adds r * (d_in + d_out)
     rank = max(1, round(target / per_rank))
@@ -510,10 +545,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             causal=variant != "no_mask",
             prompt_only=variant == "encoder",
         )
-        run_dir = output / "runs" / variant
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        composition, loss = _train_calm(recipe, run_dir)
+        composition, loss = _train_calm(recipe, output / "runs" / variant)
         column = {
             "subs": "CALM (KV-SUBS data)",
             "math": "CALM (KV-MATH data)",
