@@ -61,9 +61,10 @@ def test_bridge_data_uses_only_held_in_keys():
     assert sum(r["prompt"][0].isdigit() for r in rows) == 100  # the NUM-MATH share
 
 
-def test_harness_runs_end_to_end_at_toy_size(tmp_path):
-    tiny = ModelSize(width=32, layers=2, heads=2, steps=5, batch_size=8, lr=1e-3)
-    settings = replace(
+def toy_settings(*, model_steps: int, **changes) -> KVSettings:
+    """The experiment at a size that runs in seconds (the numbers mean nothing)."""
+    tiny = ModelSize(width=32, layers=2, heads=2, steps=model_steps, batch_size=8, lr=1e-3)
+    return replace(
         KVSettings(),
         num_keys=30,
         anchor=tiny,
@@ -75,8 +76,13 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
         bridge_batch_size=4,
         train_rows=40,
         eval_rows=4,
-        context_steps=3,
-        variants=("subs", "worked", "no_mask", "encoder", "lora"),
+        **changes,
+    )
+
+
+def test_harness_runs_end_to_end_at_toy_size(tmp_path):
+    settings = toy_settings(
+        model_steps=5, context_steps=3, variants=("subs", "worked", "no_mask", "encoder", "lora")
     )
     results = run(settings, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -115,21 +121,7 @@ def test_a_run_that_fails_keeps_the_columns_it_measured(tmp_path, monkeypatch):
 
     from composer.repro import kv as harness
 
-    tiny = ModelSize(width=32, layers=2, heads=2, steps=3, batch_size=8, lr=1e-3)
-    settings = replace(
-        KVSettings(),
-        num_keys=30,
-        anchor=tiny,
-        specialist=tiny,
-        bridge_pairs=((0, 1), (1, 1)),
-        bridge_heads=2,
-        bridge_head_dim=8,
-        bridge_steps=2,
-        bridge_batch_size=4,
-        train_rows=40,
-        eval_rows=4,
-        variants=("subs", "lora"),
-    )
+    settings = toy_settings(model_steps=3, variants=("subs", "lora"))
 
     def broken(*args, **kwargs):
         raise RuntimeError("stopped while training LoRA")
