@@ -267,18 +267,14 @@ def decode(report: Report, composition: Any, new_tokens: int) -> None:
 
 
 def kv_preset(report: Report) -> None:
-    """The default preset trained on CUDA (bf16 autocast) and scored on held-out keys."""
+    """The default preset trained on CUDA (its own precision settings), scored on held-out keys."""
     from composer.loading import load_composition
     from composer.presets import read_preset
-    from composer.repro.kv import exact_match
+    from composer.repro.kv import score_worked
     from composer.train import train
 
-    preset = REPO / "presets" / "kv-arithmetic.yaml"
-    recipe = yaml.safe_load(preset.read_text())
-    recipe.pop("default", None)  # a preset's key, not a recipe's
-    for section, key in (("anchor", "model"), ("specialist", "model"), ("data", "train")):
-        recipe[section][key] = str(preset.parent / recipe[section][key])  # relative to the preset
-    recipe["data"]["eval"] = str(preset.parent / recipe["data"]["eval"])
+    config = read_preset(REPO / "presets" / "kv-arithmetic.yaml").config
+    recipe = config.to_dict()  # paths resolved against the preset's folder
     if TINY:
         recipe["training"].update(max_steps=20, eval_every=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,23 +282,14 @@ def kv_preset(report: Report) -> None:
         bridge = train(recipe, output_dir=Path(tmp) / "run")
         report.put("kv", train_s=round(time.perf_counter() - start, 1))
         composition = load_composition(recipe, bridge=bridge)
-    held_out = [json.loads(line) for line in open(read_preset(preset).config.data["eval"])]
+    held_out = [json.loads(line) for line in open(config.data["eval"])]
     held_out = held_out[:20] if TINY else held_out
-
-    def generate(ids, mask):  # noqa: ANN001, ANN202
-        return composition.generate(
-            ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
-        )
-
-    answer = lambda text: text.split("=")[-1]  # noqa: E731
-    values = lambda text: text.split("=")[0]  # noqa: E731
-    sums = [{**r, "completion": answer(r["completion"])} for r in held_out]
-    written = [{**r, "completion": values(r["completion"])} for r in held_out]
+    scores = score_worked(composition, held_out)
     report.put(
         "kv",
         held_out_expressions=len(held_out),
-        kv_math=exact_match(generate, composition.tokenizer, sums, part=answer),
-        values_written=exact_match(generate, composition.tokenizer, written, part=values),
+        kv_math=scores["KV-MATH"],
+        values_written=scores["KV-SUBS"],
     )
 
 

@@ -14,20 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from composer.repro import kv_data as kv
-from composer.repro.kv import KVSettings, bridge_rows, eval_sets
+from composer.repro.kv import KVSettings, bridge_rows, eval_sets, make_task
 
 OUT = Path(__file__).resolve().parents[1] / "presets" / "data"
 
 
 def main(seed: int) -> None:
     settings = replace(KVSettings(), seed=seed)
-    task = kv.make_task(
-        seed=seed,
-        num_keys=settings.num_keys,
-        held_in_fraction=settings.held_in_fraction,
-        operators=settings.operators,
-        operands=settings.operands,
-    )
+    task = make_task(settings)
     train = bridge_rows(
         task, "worked", count=settings.train_rows, num_math_share=settings.num_math_share, seed=seed
     )

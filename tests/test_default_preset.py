@@ -33,7 +33,7 @@ def test_default_preset_trains_and_transfers_to_held_out_keys(tmp_path):
     import torch
 
     from composer.loading import load_composition
-    from composer.repro.kv import exact_match
+    from composer.repro.kv import score_worked
     from composer.train import train
 
     torch.set_num_threads(2)
@@ -41,23 +41,9 @@ def test_default_preset_trains_and_transfers_to_held_out_keys(tmp_path):
     composition = load_composition(PRESET, bridge=bridge, device="cpu")
     held_out = [json.loads(line) for line in open(read_preset(PRESET).config.data["eval"])]
 
-    def generate(ids, mask):
-        return composition.generate(
-            ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
-        )
-
-    def answer(text: str) -> str:
-        return text.split("=")[-1]
-
-    def values(text: str) -> str:
-        return text.split("=")[0]
-
-    sums = [{**r, "completion": answer(r["completion"])} for r in held_out]
-    written = [{**r, "completion": values(r["completion"])} for r in held_out]
-    tokenizer = composition.tokenizer
-    kv_math = exact_match(generate, tokenizer, sums, part=answer)
+    scores = score_worked(composition, held_out)
+    kv_math, substituted = scores["KV-MATH"], scores["KV-SUBS"]
     assert kv_math >= PROMISED_KV_MATH, f"held-out KV-MATH exact match {kv_math:.3f}"
-    substituted = exact_match(generate, tokenizer, written, part=values)
     assert substituted >= PROMISED_VALUES, f"held-out values written in {substituted:.3f}"
     with torch.no_grad(), composition.bridge_off():  # the anchor alone cannot do it
-        assert exact_match(generate, tokenizer, sums[:50], part=answer) == 0.0
+        assert score_worked(composition, held_out[:50])["KV-MATH"] == 0.0

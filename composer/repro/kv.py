@@ -324,6 +324,20 @@ def _hf_generator(model: torch.nn.Module) -> Callable[[int], Callable]:
     return for_length
 
 
+def score_worked(
+    composition: Any, rows: list[dict[str, str]], *, max_new_tokens: int = 16
+) -> dict[str, float]:
+    """Worked rows ("ab+cde=" -> "210+543=7530") decoded greedily by ``composition`` and scored
+    as the worked column is: "KV-MATH" on the final number, "KV-SUBS" on the values written in."""
+    generate = _composition_generator(composition)(max_new_tokens)
+    scores = {}
+    for name in ("KV-MATH", "KV-SUBS"):
+        part = _WORKED_PART[name]
+        expected = [{**r, "completion": part(r["completion"])} for r in rows]
+        scores[name] = exact_match(generate, composition.tokenizer, expected, part=part)
+    return scores
+
+
 def _composition_generator(composition: Any) -> Callable[[int], Callable]:
     def for_length(n: int) -> Callable:
         def generate(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -454,6 +468,17 @@ def _train_lora(settings: KVSettings, anchor_dir: Path, rows: list[dict], target
     return model
 
 
+def make_task(settings: KVSettings) -> kv.KeyValueTask:
+    """The key-value task the settings describe (keys, values, held-in split, operators)."""
+    return kv.make_task(
+        seed=settings.seed,
+        num_keys=settings.num_keys,
+        held_in_fraction=settings.held_in_fraction,
+        operators=settings.operators,
+        operands=settings.operands,
+    )
+
+
 def run(settings: KVSettings, output: str | Path) -> Results:
     """The whole experiment; every number in the table comes from this call."""
     from composer.loading import load_composition
@@ -462,13 +487,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     output = Path(output)
-    task = kv.make_task(
-        seed=settings.seed,
-        num_keys=settings.num_keys,
-        held_in_fraction=settings.held_in_fraction,
-        operators=settings.operators,
-        operands=settings.operands,
-    )
+    task = make_task(settings)
     results = Results(settings=json.loads(json.dumps(asdict(settings))))
     clock = time.perf_counter()
     anchor_dir = prepare_model("anchor", task, settings, output / "models" / "anchor")
