@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composer.presets import Preset, default_preset, scan_presets
+from composer.presets import Preset, default_folder, default_preset, scan_presets
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The folder holding the `composer` package the app runs (a checkout or site-packages): the
+# training subprocess imports the same one.
+CODE_ROOT = Path(__file__).resolve().parents[1]
 UPLOADS = "_uploads"  # under runs_dir: uploaded data files and bridge archives
 EXPORTS = "_exports"  # under runs_dir: bridges saved from the Export tab
 
@@ -68,11 +70,12 @@ class Session:
         models_dir: str | Path | None = None,
         train_command: list[str] | None = None,
     ) -> Session:
-        """A session over these folders (defaults: the repository's presets/, runs/, models/)."""
+        """A session over these folders (defaults: the shipped presets (see
+        :func:`composer.presets.default_folder`), and runs/ and models/ in the current folder)."""
         session = cls(
-            presets_dir=Path(presets_dir or REPO_ROOT / "presets").resolve(),
-            runs_dir=Path(runs_dir or REPO_ROOT / "runs").resolve(),
-            models_dir=Path(models_dir or REPO_ROOT / "models").resolve(),
+            presets_dir=Path(presets_dir or default_folder()).resolve(),
+            runs_dir=Path(runs_dir or "runs").resolve(),
+            models_dir=Path(models_dir or "models").resolve(),
             train_command=list(train_command or default_train_command()),
         )
         session.reload_presets()

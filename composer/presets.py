@@ -21,7 +21,20 @@ from composer.config import CompositionConfig, ConfigError, resolve_model_paths
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
-DEFAULT_FOLDER = Path(__file__).resolve().parents[1] / "presets"  # the repository's presets/
+BRIDGES = "bridges"  # trained bridges shipped with presets: bridges/<preset id>/
+ROOT_VARIABLE = "CALM_COMPOSER_PRESETS"  # an environment variable naming another presets folder
+_INSTALLED = Path(__file__).resolve().parent / "_presets"  # presets/ as copied into a wheel
+_CHECKOUT = Path(__file__).resolve().parents[1] / "presets"  # the repository's presets/
+
+
+def default_folder() -> Path:
+    """The shipped presets (recipes, data, small models, bridges): ``$CALM_COMPOSER_PRESETS`` if
+    set, else the copy installed with the package (``pip install .`` puts the repository's
+    ``presets/`` there as package data), else the checkout's ``presets/`` (editable installs)."""
+    chosen = os.environ.get(ROOT_VARIABLE)
+    if chosen:
+        return Path(os.path.expanduser(chosen)).resolve()
+    return _INSTALLED if _INSTALLED.is_dir() else _CHECKOUT
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,13 @@ class Preset:
     @property
     def title(self) -> str:
         return self.config.name or self.id
+
+    @property
+    def shipped_bridge(self) -> Path | None:
+        """The trained bridge shipped beside the preset (``bridges/<id>/`` in its folder, made
+        by a script such as scripts/ship_default_bridge.py), or None when there is none."""
+        folder = self.path.parent / BRIDGES / self.id
+        return folder if (folder / "bridge_config.json").is_file() else None
 
 
 def _resolve_file(value: Any, base: Path) -> Any:

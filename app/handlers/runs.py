@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.handlers.recipe import current_recipe
-from app.session import REPO_ROOT, Session
+from app.session import CODE_ROOT, Session
 from composer import progress
 from composer.config import CompositionConfig, ConfigError
 
@@ -185,7 +185,7 @@ def _launch(session: Session, name: str) -> None:
     (folder / progress.STOP).unlink(missing_ok=True)
     command = [*session.train_command, str(folder / RECIPE_FILE), "--output", str(folder)]
     logger.info("starting training: %s", " ".join(command))
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     with open(folder / CONSOLE_LOG, "ab") as console:
         session.processes[name] = subprocess.Popen(

@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
+from composer.presets import default_folder
 from composer.repro import kv_data as kv
 
 logger = logging.getLogger(__name__)
 
-SHIPPED = Path(__file__).resolve().parents[2] / "presets" / "models"
+SHIPPED = default_folder() / "models"
 
 
 @dataclass(frozen=True)
