@@ -136,9 +136,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _presets(args: argparse.Namespace) -> int:
     from composer.model_files import missing_files
-    from composer.presets import DEFAULT_FOLDER, scan_presets
+    from composer.presets import default_folder, scan_presets
 
-    folder = args.folder or DEFAULT_FOLDER
+    folder = args.folder or default_folder()
     presets, problems = scan_presets(folder)
     if not presets and not problems:
         print(f"no presets in {folder}")
@@ -248,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_plan)
 
     presets = commands.add_parser("presets", help="list the presets and what each needs")
-    presets.add_argument("--folder", help="presets folder (default: the repository's presets/)")
+    presets.add_argument(
+        "--folder",
+        help="presets folder (default: $CALM_COMPOSER_PRESETS, else the presets installed with "
+        "calm-composer)",
+    )
     presets.set_defaults(run=_presets)
 
     fetch = commands.add_parser(
