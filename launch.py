@@ -9,22 +9,13 @@ few seconds.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import socket
 import sys
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+from composer.network import exposure_warning, is_loopback  # noqa: F401 (launch.is_loopback)
+
 PORT_TRIES = 20  # the requested port and the next 19
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -52,12 +43,8 @@ def choose_port(host: str, port: int, *, tries: int = PORT_TRIES) -> int:
 
 def exposure_warnings(host: str, *, share: bool) -> list[str]:
     """What to tell the user when the app is reachable from other machines."""
-    warnings = []
-    if not is_loopback(host):
-        warnings.append(
-            f"binding {host}: anyone who can reach this machine can use the app, read files "
-            "and start training. Use the default 127.0.0.1 unless you mean it."
-        )
+    exposed = exposure_warning(host, reach="use the app, read files and start training")
+    warnings = [exposed] if exposed else []
     if share:
         warnings.append(
             "--share creates a public link; anyone with it can use the app on this machine."

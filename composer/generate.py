@@ -187,3 +187,21 @@ def chat_input_ids(
         conversation, add_generation_prompt=True, return_tensors="pt", return_dict=False
     )
     return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
+
+
+def conversation_input_ids(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, system_prompt: str | None = None
+) -> torch.Tensor:
+    """(1, T) prompt ids for a conversation: the chat template when the tokenizer has one, else
+    the messages' texts one per line after BOS (models without a template, e.g. the default
+    preset's, read plain text)."""
+    if getattr(tokenizer, "chat_template", None):
+        return chat_input_ids(tokenizer, messages, system_prompt=system_prompt)
+    text = "\n".join(
+        [*([system_prompt] if system_prompt else []), *(m["content"] for m in messages)]
+    )
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return torch.tensor([ids])

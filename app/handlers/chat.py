@@ -122,21 +122,11 @@ def flatten_history(history: Sequence[Mapping[str, Any]] | None) -> list[dict[st
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], system_prompt: str) -> Any:
-    """(1, T) prompt ids: the chat template when the tokenizer has one, else plain text."""
-    import torch
+    """(1, T) prompt ids: the chat template when the tokenizer has one, else plain text (the
+    same rule as the OpenAI-compatible server's)."""
+    from composer.generate import conversation_input_ids
 
-    from composer.generate import chat_input_ids
-
-    if getattr(tokenizer, "chat_template", None):
-        return chat_input_ids(tokenizer, messages, system_prompt=system_prompt or None)
-    text = "\n".join(
-        [*([system_prompt] if system_prompt else []), *(m["content"] for m in messages)]
-    )
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return torch.tensor([ids])
+    return conversation_input_ids(tokenizer, messages, system_prompt=system_prompt or None)
 
 
 class GenerationCancelled(Exception):
