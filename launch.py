@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 
-from composer.network import exposure_warning, is_loopback  # noqa: F401 (launch.is_loopback)
+from composer.network import (  # noqa: F401 (launch.is_loopback stays importable)
+    exposure_warning,
+    is_loopback,
+    port_is_free,
+)
 
 PORT_TRIES = 20  # the requested port and the next 19
-
-
-def port_is_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def choose_port(host: str, port: int, *, tries: int = PORT_TRIES) -> int:

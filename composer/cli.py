@@ -104,6 +104,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from composer.serve import serve
+
+    serve(
+        args.recipe,
+        bridge=args.bridge,
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        announce=lambda line: print(f"calm-composer: {line}", file=sys.stderr),
+    )
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from composer.train import TrainingStopped, train
 
@@ -230,6 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, help="sampling seed")
     generate.add_argument("--no-bridge", action="store_true", help="the anchor alone, to compare")
     generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser(
+        "serve", help="serve the composition over an OpenAI-compatible HTTP API (/v1/...)"
+    )
+    serve.add_argument("recipe", help="composition recipe (.yaml)")
+    serve.add_argument("--bridge", help="bridge folder (save_bridge / train output)")
+    serve.add_argument(
+        "--engine",
+        choices=("auto", "torch", "llama.cpp"),
+        default="auto",
+        help="auto (default): llama.cpp when both models are GGUF files and llama-cpp-python is "
+        "installed, else torch",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; another address exposes "
+        "the model to your network, with a warning)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on every request (401 otherwise)"
+    )
+    serve.add_argument(
+        "--model-name",
+        help="the model id clients ask for (default: from the recipe's name); NAME:anchor is "
+        "the anchor alone",
+    )
+    serve.set_defaults(run=_serve)
 
     train = commands.add_parser(
         "train", help="train the recipe's bridge; resumes from DIR's last checkpoint"

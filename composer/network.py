@@ -7,6 +7,7 @@ wording.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -29,3 +30,13 @@ def exposure_warning(host: str, *, reach: str) -> str | None:
         f"binding {host}: anyone who can reach this machine can {reach}. Use the default "
         "127.0.0.1 unless you mean it."
     )
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

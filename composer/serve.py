@@ -850,9 +850,11 @@ def serve(
     import uvicorn
 
     from composer.config import read_recipe
-    from composer.network import exposure_warning
+    from composer.network import exposure_warning, port_is_free
 
     config = read_recipe(recipe)
+    if not port_is_free(host, port):  # before minutes of loading, not after
+        raise ConfigError(f"port {port} on {host} is taken; pass another --port")
     composition = load_for_serving(config, bridge=bridge, engine=engine)
     name = model_name or default_model_name(config.name, "calm-composer")
     warning = exposure_warning(host, reach="use the served model (set --api-key)")
