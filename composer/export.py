@@ -24,6 +24,7 @@ from composer.architectures import model_shape
 from composer.atomic import write_folder_atomically
 from composer.bridge import Bridge, BridgeShape
 from composer.config import ConfigError
+from composer.identity import fingerprint_mismatch, weights_fingerprint
 from composer.pairing import check_pairs
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def model_identity(
     model: torch.nn.Module, *, source: dict[str, Any] | None = None, tokenizer: Any = None
 ) -> dict[str, Any]:
-    """What identifies a frozen model: where it came from and the shape the bridge depends on."""
+    """What identifies a frozen model: where it came from, the shape the bridge depends on, and a
+    fingerprint of its weights (so another model of the same shape is told apart)."""
     shape = model_shape(model.config)
     source = source or {}
     return {
@@ -71,6 +73,7 @@ def model_identity(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)
         if tokenizer is not None
         else None,
+        "weights_fingerprint": weights_fingerprint(model),
     }
 
 
@@ -89,10 +92,60 @@ def identity_mismatches(role: str, saved: dict[str, Any], current: dict[str, Any
     for key in ("tokenizer_fingerprint", "sha256", "revision"):
         if saved.get(key) and current.get(key) and saved[key] != current[key]:
             problems.append(
-                f"{role} {key} differs (bridge made for {saved['name'] or 'another model'!r} "
+                f"{role} {key} differs (bridge made for {saved.get('name') or 'another model'!r} "
                 f"with {key} {str(saved[key])[:12]}..., got {str(current[key])[:12]}...)"
             )
+    old, new = saved.get("weights_fingerprint"), current.get("weights_fingerprint")
+    if isinstance(old, dict) and isinstance(new, dict):
+        tensor = fingerprint_mismatch(old, new)
+        if tensor is not None:
+            problems.append(
+                f"{role} weights differ (at {tensor}): the bridge was made for "
+                f"{saved.get('name') or 'another model'!r}, a model of the same shape but other "
+                "weights"
+            )
     return problems
+
+
+def check_bridge_tensors(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path
+) -> None:
+    """Every tensor present, of the expected shape, floating point and finite (ConfigError)."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ConfigError(
+            f"{source} does not match its {CONFIG}: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}; the bridge folder is damaged: save or train it again"
+        )
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if not tensor.is_floating_point():
+            raise ConfigError(
+                f"{source}: tensor {name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                "values; expected floating point weights; the bridge folder is damaged"
+            )
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ConfigError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(want.shape)} from its {CONFIG}; the bridge folder is damaged"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(
+                f"{source}: tensor {name} holds NaN or infinite values; this bridge cannot be "
+                "used (was its training diverging?); train it again with a lower learning rate"
+            )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file with a malformed or truncated file named as such (not safetensors' internals)."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, or a header that is not JSON
+        raise ConfigError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); it is "
+            "truncated or damaged: copy it again, or save or train the bridge again"
+        ) from None
 
 
 def bridge_config_dict(composition: Composition) -> dict[str, Any]:
@@ -177,6 +230,12 @@ def save_bridge(composition: Composition, path: str | os.PathLike, *, card_extra
     path = Path(path)
     config = bridge_config_dict(composition)
     tensors = {k: v.detach().cpu().contiguous() for k, v in composition.bridge.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ConfigError(
+            f"the bridge holds NaN or infinite values (in {bad[0]}); refusing to save it to "
+            f"{path}. Train it again (a lower training.lr) or load a finite bridge"
+        )
     if composition.recipe is not None:
         recipe = composition.recipe.to_dict()
     else:
@@ -214,10 +273,17 @@ def read_bridge_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"{config_file} is not valid JSON ({exc}); the bridge folder is damaged"
         ) from None
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(key), dict) for key in ("bridge", "anchor", "specialist")
+    ):
+        raise ConfigError(
+            f"{config_file} lacks its 'bridge', 'anchor' or 'specialist' section; the bridge "
+            "folder is damaged: save or train it again"
+        )
     if config.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"{config_file} has format_version {config.get('format_version')!r}; "
@@ -250,22 +316,34 @@ def load_bridge(
         raise ConfigError(
             f"the bridge in {path} was not made for these models: " + "; ".join(problems)
         )
-    shape = BridgeShape.from_dict(config["bridge"])
+    try:
+        shape = BridgeShape.from_dict(config["bridge"])
+        dtype = config.get("dtype", "float32")
+        # Never build a bridge larger than its weights file could hold (a damaged or hostile
+        # config would otherwise allocate whatever it names).
+        bytes_needed = shape.num_parameters() * 2  # at least 2 bytes per value (bf16/fp16)
+        if bytes_needed > os.path.getsize(path / WEIGHTS):
+            raise ConfigError(
+                f"{path / CONFIG} describes a bridge of {shape.num_parameters():,} parameters but "
+                f"{path / WEIGHTS} is only {os.path.getsize(path / WEIGHTS):,} bytes; the bridge "
+                "folder is damaged: save or train it again"
+            )
+        bridge = Bridge(shape, dtype=dtype)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path / CONFIG} describes no usable bridge ({type(exc).__name__}: {exc}); the "
+            "bridge folder is damaged: save or train it again"
+        ) from None
     check_pairs(
         shape.pairs,
         anchor_layers=model_shape(anchor_model.config).num_layers,
         specialist_layers=model_shape(specialist_model.config).num_layers,
     )
     check_shared_vocabulary(anchor_model, specialist_model)
-    bridge = Bridge(shape, dtype=config.get("dtype", "float32"))
-    tensors = load_file(str(path / WEIGHTS))
-    expected = set(bridge.state_dict())
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ConfigError(
-            f"{path / WEIGHTS} does not match its {CONFIG}: missing {missing[:3]}, unexpected "
-            f"{extra[:3]}; the bridge folder is damaged"
-        )
+    tensors = read_safetensors(path / WEIGHTS)
+    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
     bridge.load_state_dict(tensors)
     bridge.to(anchor_model.get_input_embeddings().weight.device)
     freeze(anchor_model)

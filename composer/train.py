@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from composer import progress
+from composer import identity, progress, run_lock
 from composer.architectures import decoder_layers
 from composer.config import CompositionConfig, ConfigError, read_recipe
 from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
@@ -71,6 +71,30 @@ class TrainingStopped(Exception):
 
 class TrainingFailed(ConfigError):
     """The run cannot go on with these settings (e.g. out of memory); the message says why."""
+
+    exit_code = 1  # a failure of the run, not a mistake in the command (the CLI's exit status)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM ended the run at once; the message says what can be resumed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NonFiniteError(Exception):
+    """A step produced a non-finite loss or gradient (internal: becomes TrainingFailed)."""
+
+
+# Only the run's log file gets the traceback of a failure; the console gets one line (a CLI user
+# asks for more with -v).
+_TRACEBACK = logging.getLogger("composer.train.traceback")
+_TRACEBACK.propagate = False
+_TRACEBACK.addHandler(logging.NullHandler())  # not logging's last resort (stderr) elsewhere
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +316,12 @@ def _log_to_file(path: Path | None) -> Iterator[None]:
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     root.addHandler(handler)
+    _TRACEBACK.addHandler(handler)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        _TRACEBACK.removeHandler(handler)
         root.setLevel(previous_level)
         handler.close()
 
@@ -309,7 +335,7 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} received twice")
         self.requested = True
         self.reason = signal.Signals(signum).name
         logger.warning("%s received: stopping after this step", self.reason)
@@ -370,6 +396,40 @@ def _refuse_a_live_run(output: Path) -> None:
         f"another training run (pid {pid}) is still writing to {output}; stop it first "
         f"(create {output / progress.STOP}) or train into another --output folder"
     )
+
+
+def _fit_max_length(
+    composition: Composition, training: TrainingConfig, *, explicit: bool
+) -> TrainingConfig:
+    from composer.pair_check import position_problems, positions_of
+
+    configs = {"anchor": composition.anchor.config, "specialist": composition.specialist.config}
+    if explicit:
+        problems = position_problems(configs, max_length=training.max_length)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return training
+    known = [p for p in map(positions_of, configs.values()) if p is not None]
+    if known and min(known) < training.max_length:
+        logger.info("training.max_length lowered to the models' %d positions", min(known))
+        return dataclasses.replace(training, max_length=min(known))
+    return training
+
+
+def _check_finite(loss: float, grad_norm: float, *, step: int, config: TrainingConfig) -> None:
+    """Stop before a non-finite loss or gradient reaches the bridge (the step is not taken, so
+    the bridge and every checkpoint stay finite)."""
+    import math
+
+    values = (("loss", loss), ("gradient norm", grad_norm))
+    bad = [name for name, v in values if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {' and '.join(bad)} at step {step} (loss {loss}, gradient norm "
+            f"{grad_norm}); the step was not taken. Lower training.lr (now {config.lr:g}), keep "
+            "training.max_grad_norm set, or use float32 (bf16: false); check the data for "
+            "empty or extreme rows"
+        )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -474,35 +534,81 @@ def train(
     main = accelerator.is_main_process
     _refuse_a_live_run(output)
     stop_path = Path(stop_file) if stop_file is not None else output / progress.STOP
+    lock = None
     if main:
-        output.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    run = _Run(accelerator, config, training, data, output, stop_path)
-    with _log_to_file(output / progress.LOG if main else None), _StopRequest().installed() as stop:
-        try:
-            return run.execute(composition, stop)
-        except TrainingStopped:
-            raise
-        except BaseException as exc:
-            if _is_out_of_memory(exc):
-                reason = _out_of_memory_reason(training, run.step)
-                failure: BaseException = TrainingFailed(reason)
-            else:
-                reason = str(exc) if isinstance(exc, ConfigError) else _one_line(exc)
-                failure = exc
-            if isinstance(exc, KeyboardInterrupt):
-                reason = "interrupted twice; run the same command again to resume from the last "
-                reason += "checkpoint"
-            elif not isinstance(failure, ConfigError):
-                reason += f"; see {output / progress.LOG} for the traceback"
-            logger.error("training failed: %s\n%s", reason, traceback.format_exc())
-            if main:
-                run.write_status("failed", reason=reason)
-            if failure is exc:
+        _check_writable(output)
+        lock = run_lock.inherited(output) or run_lock.acquire(output)
+    try:
+        accelerator.wait_for_everyone()
+        run = _Run(accelerator, config, training, data, output, stop_path)
+        with (
+            _log_to_file(output / progress.LOG if main else None),
+            _StopRequest().installed() as stop,
+        ):
+            try:
+                return run.execute(composition, stop)
+            except TrainingStopped:
                 raise
-            raise failure from exc
-        finally:
-            run.release()
+            except BaseException as exc:
+                failure = _failure(exc, run, output)
+                reason = str(failure)
+                if failure is exc and not isinstance(exc, ConfigError):
+                    reason = f"{_one_line(exc)}; see {output / progress.LOG} for the traceback"
+                # The caller gets the exception (the CLI prints it in one line); the log file
+                # gets the reason and the traceback.
+                _TRACEBACK.error("training failed: %s\n%s", reason, traceback.format_exc())
+                if main:
+                    with contextlib.suppress(OSError):
+                        run.write_status("failed", reason=reason)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            finally:
+                run.release()
+    finally:
+        run_lock.release(lock)
+
+
+def _check_writable(output: Path) -> None:
+    """A clear message for a run folder that cannot be made or written (read-only, a file)."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the run folder {output} ({exc.strerror or type(exc).__name__}); "
+            "choose a folder you can write to (--output) or fix its permissions"
+        ) from None
+
+
+def _failure(exc: BaseException, run: _Run, output: Path) -> BaseException:
+    """The exception a failed run ends with; its message is the status's one-line reason."""
+    if _is_out_of_memory(exc):
+        return TrainingFailed(_out_of_memory_reason(run.training, run.step))
+    if isinstance(exc, NonFiniteError):
+        return TrainingFailed(f"{exc}; {_resume_hint(output)}")
+    if isinstance(exc, KeyboardInterrupt):
+        why = str(exc) or "interrupted"
+        return TrainingInterrupted(f"{why}, training ended at once; {_resume_hint(output)}")
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return TrainingFailed(
+            f"could not write or read {exc.filename} ({exc.strerror or type(exc).__name__}); "
+            "check the disk space and the folder's permissions, then run the same command again"
+        )
+    return exc
+
+
+def _resume_hint(output: Path) -> str:
+    """What can be resumed, read from the folder (never a checkpoint that is not there)."""
+    found = progress.latest_checkpoint(output)
+    if found is None:
+        return "no checkpoint was written yet: running the same command again starts over"
+    step, folder = found
+    return f"run the same command again to resume from {folder} (step {step})"
 
 
 class _Run:
@@ -552,11 +658,37 @@ class _Run:
         if self.main:
             self.write_status("running")
         train_path = data.require_train()
+        run_identity = identity.recipe_identity(
+            self.config.to_dict(), training.to_dict(), dataclasses.asdict(data)
+        )
+        saved_identity = identity.read_run_identity(self.output)
+        has_state = (
+            progress.latest_checkpoint(self.output) is not None
+            or (self.output / progress.BRIDGE).exists()
+        )
+        if has_state and saved_identity is not None:  # before spending minutes loading models
+            identity.refuse_other_identity(self.output, saved_identity, run_identity)
+        # An explicit training.max_length beyond a model's positions is refused; the default
+        # is lowered to the models' positions.
+        explicit = "max_length" in self.config.training
         if composition is None:
             from composer.loading import load_composition
+            from composer.pair_check import check_pair_configs
 
+            check_pair_configs(self.config, max_length=training.max_length if explicit else None)
             composition = load_composition(self.config, device=device, seed=training.seed)
+        training = self.training = _fit_max_length(composition, training, explicit=explicit)
         self.composition = composition
+        run_identity["weights"] = {
+            "anchor": identity.weights_fingerprint(composition.anchor),
+            "specialist": identity.weights_fingerprint(composition.specialist),
+        }
+        if has_state and saved_identity is not None:
+            identity.refuse_other_identity(self.output, saved_identity, run_identity)
+        elif self.main:
+            from composer.atomic import write_json_atomically
+
+            write_json_atomically(self.output / identity.IDENTITY_FILE, run_identity)
         tokenizer = composition.tokenizer
         if tokenizer is None:
             raise ConfigError(
@@ -694,12 +826,17 @@ class _Run:
                     # DDP averages gradients over processes: scale so they add up instead.
                     accelerator.backward(token_sum * world / max(total_tokens, 1))
                 local_sum += token_sum.detach()
+            step_loss = float(accelerator.reduce(local_sum, reduction="sum")) / max(total_tokens, 1)
             if training.max_grad_norm:
-                accelerator.clip_grad_norm_(params, training.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            _check_finite(step_loss, float(grad_norm), step=state.step + 1, config=training)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = float(accelerator.reduce(local_sum, reduction="sum")) / max(total_tokens, 1)
             state.step += 1
             self.step = state.step
             state.micro_batches += training.grad_accum
@@ -747,6 +884,9 @@ class _Run:
     def _checkpoint(
         self, bridge: nn.Module, optimizer: Any, scheduler: Any, state: RunState, start: float
     ) -> Path:
+        bad = [n for n, p in bridge.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # a checkpoint must never replace a finite one with a non-finite bridge
+            raise NonFiniteError(f"non-finite bridge weights after step {state.step} ({bad[0]})")
         saved = dataclasses.replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - start)
         folder = self.output / progress.CHECKPOINTS / f"step-{state.step}"
         if self.main:
