@@ -150,6 +150,29 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fields(args: argparse.Namespace) -> int:
+    from composer.config import BridgeConfig, GenerationConfig, ModelSpec, reference
+    from composer.training_config import DataConfig, TrainingConfig
+
+    sections = {
+        "anchor / specialist": ModelSpec,
+        "bridge": BridgeConfig,
+        "generation": GenerationConfig,
+        "training": TrainingConfig,
+        "data": DataConfig,
+    }
+    if args.section:
+        chosen = {k: v for k, v in sections.items() if args.section in k.split(" / ")}
+        if not chosen:
+            raise ConfigError(
+                f"recipe section {args.section!r} does not exist; expected one of anchor, "
+                "specialist, bridge, generation, training, data"
+            )
+        sections = chosen
+    print("\n".join(reference(sections)))
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     from composer.model_files import missing_files
     from composer.presets import default_folder, scan_presets
@@ -291,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan for a CUDA GPU with this many GiB instead of this machine",
     )
     plan.set_defaults(run=_plan)
+
+    fields = commands.add_parser("fields", help="every recipe setting, its default and meaning")
+    fields.add_argument("section", nargs="?", help="only this section, e.g. training")
+    fields.set_defaults(run=_fields)
 
     presets = commands.add_parser("presets", help="list the presets and what each needs")
     presets.add_argument(

@@ -8,6 +8,8 @@ and what to do. Layer indices are 0-based everywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,36 +28,97 @@ class ConfigError(ValueError):
     """
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition``: the one check every config uses."""
     if not condition:
         raise ConfigError(message)
+
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
+    """A config field whose help text is data (as PEFT's ``metadata={"help": ...}``): the CLI's
+    ``calm-composer fields`` and the app's labels read it with :func:`field_help`."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(metadata={"help": help}, **kwargs)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of setting ``name`` of config class ``cls`` ("" when it has none)."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def reference(sections: Mapping[str, type]) -> list[str]:
+    """Lines documenting every setting of each recipe section: name, default and help (pure)."""
+    lines = []
+    for section, cls in sections.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f" (default: {json.dumps(_plain(f.default))})"
+            else:
+                default = " (required)"
+            lines.append(f"  {f.name}{default}: {f.metadata.get('help', '')}")
+    return lines
+
+
+def check_keys(cls: type, section: Any, where: str) -> dict[str, Any]:
+    """``section`` as a dict, or ConfigError when it is not a mapping or names unknown settings."""
+    require(
+        isinstance(section, Mapping),
+        f"'{where}' is {section!r}; expected a mapping of settings (YAML 'key: value' lines)",
+    )
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known)
+    require(
+        not unknown,
+        f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(known)}; "
+        "fix the spelling or remove them",
+    )
+    return dict(section)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Where a frozen model comes from and how it is loaded."""
 
-    model: str  # a Hugging Face hub id, a local folder, or a local .gguf file
-    quantization: str = "none"  # "nf4" (bitsandbytes 4-bit) is what we use for the anchor on a GPU
-    dtype: str = (
-        "auto"  # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)
+    model: str = setting(help="A Hugging Face hub id, a local folder, or a local .gguf file")
+    quantization: str = setting(
+        "none", help="none, nf4 (bitsandbytes 4-bit: what we use for the anchor on a GPU) or int8"
     )
-    revision: str | None = None  # hub revision (branch, tag or commit); ignored for local files
-    tokenizer: str | None = None  # tokenizer source when it is not beside the weights
-    trust_remote_code: bool = False  # off: never run code from a model repository unless asked
+    dtype: str = setting(
+        "auto", help="auto (chosen for the device the model runs on), float32, bfloat16, float16"
+    )
+    revision: str | None = setting(
+        None, help="Hub revision (branch, tag or commit); ignored for local files"
+    )
+    tokenizer: str | None = setting(
+        None, help="Tokenizer source when it is not beside the weights"
+    )
+    trust_remote_code: bool = setting(
+        False, help="Run code from the model's repository (off unless you trust it)"
+    )
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.model, str) and self.model.strip() != "",
             f"model is {self.model!r}; expected a Hugging Face hub id (e.g. 'Qwen/Qwen2.5-0.5B'), "
             "a local folder or a .gguf file path",
         )
-        _require(
+        require(
             self.quantization in QUANTIZATIONS,
             f"quantization is {self.quantization!r} for model {self.model!r}; expected one of "
             f"{', '.join(QUANTIZATIONS)}",
         )
-        _require(
+        require(
             self.dtype in DTYPES,
             f"dtype is {self.dtype!r} for model {self.model!r}; "
             f"expected one of {', '.join(DTYPES)}",
@@ -75,24 +138,36 @@ class BridgeConfig:
     with as many evenly spaced anchor layers (see :func:`composer.pairing.default_pairs`).
     """
 
-    every: int = 4  # paper: every 4th specialist layer
-    pairs: tuple[tuple[int, int], ...] | None = None  # explicit (anchor layer, specialist layer)
-    num_heads: int | None = None  # None: as many heads as the anchor (paper)
-    head_dim: int | None = None  # None: d_anchor // num_heads (paper)
-    project_specialist: bool = True  # paper: Linear(d_specialist -> d_anchor) before K/V
-    norm: bool = True  # RMSNorm on the query and key/value inputs: anchor states can be huge
-    causal: bool = True  # anchor t reads specialist positions <= t; False only to show the leak
-    # RoPE on queries and keys at their token positions: reading "this token" needs position, and
-    # plain cross-attention only sees content (see composer/bridge.py).
-    rotary: bool = True
-    # The paper's "specialist as encoder" ablation: the bridge reads the specialist's states of
-    # the prompt only (in training: positions before the first labelled token), never of tokens
-    # the anchor has written.
-    prompt_only: bool = False
-    dtype: str = "float32"  # bridge weights; float32 keeps the small trainable part exact
+    every: int = setting(4, help="One block per this many specialist layers (paper: 4)")
+    pairs: tuple[tuple[int, int], ...] | None = setting(
+        None, help="Explicit [[anchor_layer, specialist_layer], ...], 0-based; overrides every"
+    )
+    num_heads: int | None = setting(
+        None, help="Cross-attention heads; unset: as many as the anchor (paper)"
+    )
+    head_dim: int | None = setting(None, help="Width of a head; unset: d_anchor // num_heads")
+    project_specialist: bool = setting(
+        True, help="Linear(d_specialist -> d_anchor) before keys/values (paper)"
+    )
+    norm: bool = setting(
+        True, help="RMSNorm on the query and key/value inputs: anchor states can be huge"
+    )
+    causal: bool = setting(
+        True, help="Anchor position t reads specialist positions <= t; false only shows the leak"
+    )
+    # Reading "this token" needs its position, and plain cross-attention only sees content (see
+    # composer/bridge.py).
+    rotary: bool = setting(True, help="RoPE on queries and keys at their token positions")
+    # In training the prompt is the positions before the first labelled token.
+    prompt_only: bool = setting(
+        False, help="The paper's specialist-as-encoder ablation: read the prompt's states only"
+    )
+    dtype: str = setting(
+        "float32", help="Bridge weights; float32 keeps the small trainable part exact"
+    )
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.every, int) and self.every >= 1,
             f"bridge.every is {self.every!r}; expected a whole number >= 1 (paper: 4)",
         )
@@ -104,31 +179,31 @@ class BridgeConfig:
                     f"bridge.pairs is {self.pairs!r}; expected a list of [anchor_layer, "
                     "specialist_layer] pairs of 0-based layer indices, e.g. [[3, 1], [7, 3]]"
                 ) from None
-            _require(
+            require(
                 len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out"
             )
             for a, s in pairs:
-                _require(
+                require(
                     a >= 0 and s >= 0,
                     f"bridge.pairs has ({a}, {s}); layer indices are 0-based and must be >= 0",
                 )
-            _require(
+            require(
                 len(set(pairs)) == len(pairs),
                 f"bridge.pairs {list(pairs)} has a repeated pair; list each pair once",
             )
             object.__setattr__(self, "pairs", pairs)
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
-            _require(
+            require(
                 value is None or (isinstance(value, int) and value >= 1),
                 f"bridge.{name} is {value!r}; expected a whole number >= 1, or leave it out to use "
                 "the anchor's own",
             )
-        _require(
+        require(
             not self.rotary or self.head_dim is None or self.head_dim % 2 == 0,
             f"bridge.head_dim is {self.head_dim}; rotary positions need an even head_dim",
         )
-        _require(
+        require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"bridge.dtype is {self.dtype!r}; expected float32, bfloat16 or float16",
         )
@@ -138,26 +213,26 @@ class BridgeConfig:
 class GenerationConfig:
     """Decoding settings; sampling is done by transformers' logits processors."""
 
-    max_new_tokens: int = 256
-    do_sample: bool = False  # greedy by default: reproducible
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0  # 1.0: off
-    stop: tuple[str, ...] = ()  # stop strings, in addition to the tokenizer's EOS
+    max_new_tokens: int = setting(256, help="Most tokens a reply may have")
+    do_sample: bool = setting(False, help="Sample; off: greedy, reproducible")
+    temperature: float = setting(1.0, help="Sampling temperature (> 0)")
+    top_p: float = setting(1.0, help="Nucleus sampling: keep the smallest set with this mass")
+    top_k: int = setting(0, help="Keep the k most likely tokens; 0: off")
+    repetition_penalty: float = setting(1.0, help="Penalty on repeated tokens; 1.0: off")
+    stop: tuple[str, ...] = setting((), help="Stop strings, besides the tokenizer's EOS")
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
             f"max_new_tokens is {self.max_new_tokens!r}; expected a whole number >= 1",
         )
-        _require(
+        require(
             self.temperature > 0,
             f"temperature is {self.temperature!r}; expected > 0 (use do_sample=False for greedy)",
         )
-        _require(0 < self.top_p <= 1, f"top_p is {self.top_p!r}; expected a number in (0, 1]")
-        _require(self.top_k >= 0, f"top_k is {self.top_k!r}; expected >= 0 (0 turns it off)")
-        _require(
+        require(0 < self.top_p <= 1, f"top_p is {self.top_p!r}; expected a number in (0, 1]")
+        require(self.top_k >= 0, f"top_k is {self.top_k!r}; expected >= 0 (0 turns it off)")
+        require(
             self.repetition_penalty > 0,
             f"repetition_penalty is {self.repetition_penalty!r}; expected > 0 (1.0 turns it off)",
         )
@@ -186,7 +261,7 @@ class CompositionConfig:
     def __post_init__(self) -> None:
         for name in _SECTIONS_KEPT_RAW:
             value = getattr(self, name)
-            _require(
+            require(
                 isinstance(value, Mapping),
                 f"{name} is {value!r}; expected a mapping of settings (YAML 'key: value' lines)",
             )
@@ -195,19 +270,19 @@ class CompositionConfig:
     @classmethod
     def from_dict(cls, recipe: Mapping[str, Any]) -> CompositionConfig:
         """Build from a plain mapping (a parsed YAML recipe), rejecting unknown keys."""
-        _require(
+        require(
             isinstance(recipe, Mapping),
             f"the recipe is {type(recipe).__name__}; expected a mapping with 'anchor' and "
             "'specialist' sections",
         )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(recipe) - known)
-        _require(
+        require(
             not unknown,
             f"unknown recipe section(s) {unknown}; expected only {sorted(known)}",
         )
         for role in ("anchor", "specialist"):
-            _require(
+            require(
                 role in recipe,
                 f"the recipe has no '{role}' section; add '{role}: {{model: <hub id, folder or "
                 ".gguf>}}'",
@@ -302,17 +377,9 @@ def _plain(value: Any) -> Any:
 def _build(cls: type, section: Any, where: str) -> Any:
     if isinstance(section, str) and cls is ModelSpec:
         section = {"model": section}  # shorthand: `anchor: path/or/id`
-    _require(
-        isinstance(section, Mapping),
-        f"'{where}' is {section!r}; expected a mapping of settings",
-    )
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known)
-    _require(
-        not unknown, f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(known)}"
-    )
+    section = check_keys(cls, section, where)
     if cls is ModelSpec:
-        _require(
+        require(
             "model" in section, f"'{where}' has no 'model'; add 'model: <hub id, folder or .gguf>'"
         )
     try:

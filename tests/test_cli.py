@@ -133,3 +133,13 @@ def test_plan_and_train_commands(recipe, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_fields_prints_each_settings_help_from_the_config_classes(capsys):
+    assert main(["fields", "training"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training:\n")
+    assert "max_length (default: 512): Tokens per example" in out
+    assert "bridge:" not in out
+    assert main(["fields", "trainig"]) == 2
+    assert "recipe section 'trainig' does not exist" in capsys.readouterr().err

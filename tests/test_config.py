@@ -167,3 +167,19 @@ def test_a_preset_file_is_a_recipe(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("default: true\nanchor: org/a\nspecialist: org/b\n")
     assert read_recipe(preset).anchor.model == "org/a"
+
+
+def test_every_recipe_setting_carries_its_help_text_and_the_reference_lists_it():
+    import dataclasses
+
+    from composer.config import GenerationConfig, reference
+    from composer.training_config import DataConfig, TrainingConfig
+
+    classes = (ModelSpec, BridgeConfig, GenerationConfig, TrainingConfig, DataConfig)
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    lines = reference({"training": TrainingConfig})
+    assert lines[0] == "training:"
+    assert "  lr (default: 0.001): Peak learning rate" in "\n".join(lines)
+    assert len(lines) == 1 + len(dataclasses.fields(TrainingConfig))

@@ -28,17 +28,34 @@ CONSOLE_LOG = "console.log"  # the training process's stdout and stderr
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
-TRAINING_FIELDS = (
+# The settings the Train tab's form shows, in order: each is a field of TrainingConfig (or, for
+# eval_fraction, of DataConfig), whose help text and type the form takes from the class itself.
+FORM_FIELDS = (
     "max_steps",
     "batch_size",
     "grad_accum",
     "lr",
     "max_length",
+    "eval_fraction",
     "logging_every",
     "eval_every",
     "save_every",
     "seed",
 )
+
+
+def form_fields() -> list[tuple[str, str, bool]]:
+    """(name, help text, whole number?) of each field of the form, read from the config classes."""
+    import dataclasses
+
+    from composer.training_config import DataConfig, TrainingConfig
+
+    found = {
+        f.name: (f.metadata.get("help", ""), str(f.type).startswith("int"))
+        for cls in (TrainingConfig, DataConfig)
+        for f in dataclasses.fields(cls)
+    }
+    return [(name, *found[name]) for name in FORM_FIELDS]
 
 
 def training_defaults(session: Session) -> dict[str, Any]:
@@ -49,7 +66,7 @@ def training_defaults(session: Session) -> dict[str, Any]:
         training = TrainingConfig.from_mapping(session.recipe.get("training") or {})
     except ConfigError:
         training = TrainingConfig()
-    values = {name: getattr(training, name) for name in TRAINING_FIELDS}
+    values = {name: getattr(training, name) for name in FORM_FIELDS if name != "eval_fraction"}
     values["eval_fraction"] = (session.recipe.get("data") or {}).get("eval_fraction", 0.0)
     return values
 

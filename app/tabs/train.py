@@ -17,18 +17,6 @@ from app.handlers import runs
 from app.session import Session
 from app.ui import guard
 
-HYPERPARAMETERS = (  # (key, label, precision: 0 = whole number, None = float)
-    ("max_steps", "Steps", 0),
-    ("batch_size", "Batch size", 0),
-    ("grad_accum", "Gradient accumulation", 0),
-    ("lr", "Learning rate", None),
-    ("max_length", "Max tokens per example", 0),
-    ("eval_fraction", "Eval share of the data", None),
-    ("logging_every", "Log every N steps", 0),
-    ("eval_every", "Eval every N steps (0: at the end)", 0),
-    ("save_every", "Checkpoint every N steps", 0),
-    ("seed", "Seed", 0),
-)
 ACTIVE = ("starting", "running", "stopping")
 
 
@@ -36,11 +24,12 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
     fields = []
     with gr.Accordion("Hyperparameters (the preset's defaults)", open=True):
         with gr.Row():
-            for key, label, precision in HYPERPARAMETERS:
+            for key, help_text, whole in runs.form_fields():
                 fields.append(
                     gr.Number(
-                        label=label,
-                        precision=precision,
+                        label=key,  # the recipe's own name for it (training.KEY / data.KEY)
+                        info=help_text,
+                        precision=0 if whole else None,
                         elem_id=f"hp-{key.replace('_', '-')}",
                         min_width=120,
                     )
@@ -102,7 +91,7 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
     run.change(guard(poll), run, view_outputs, api_name="show_run", show_progress="hidden")
 
     def start_run(name: str, *values: Any) -> Any:
-        hyper = {key: v for (key, _, _), v in zip(HYPERPARAMETERS, values, strict=True)}
+        hyper = dict(zip(runs.FORM_FIELDS, values, strict=True))
         started = runs.start_training(session, run_name=name, hyperparameters=hyper)
         gr.Info(f"run {started} started: loading the models")
         return gr.Dropdown(choices=runs.list_runs(session), value=started)
@@ -132,7 +121,7 @@ def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:
 
 def hyperparameter_values(session: Session) -> list[Any]:
     defaults = runs.training_defaults(session)
-    return [defaults.get(key) for key, _, _ in HYPERPARAMETERS]
+    return [defaults.get(key) for key in runs.FORM_FIELDS]
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
