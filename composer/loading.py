@@ -52,9 +52,14 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow on most processors."""
+    """auto: bf16 on CUDA; on a CPU, bf16 only where it computes bf16 natively (else float32:
+    bf16 matmuls are ~100x slower there; see composer.hardware)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from composer.hardware import cpu_auto_dtype
+
+        return torch.bfloat16 if cpu_auto_dtype() == "bfloat16" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
