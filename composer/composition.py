@@ -29,6 +29,7 @@ from composer.architectures import decoder_layers, model_shape
 from composer.bridge import Bridge, BridgeShape
 from composer.config import BridgeConfig, CompositionConfig, ConfigError
 from composer.hooks import forward_hooks, hidden_of, with_hidden
+from composer.identity import tokenizer_fingerprint
 from composer.pairing import resolve_pairs
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class Composition(nn.Module):
     ``anchor`` and ``specialist`` but are not registered as submodules, so ``.to()`` moves only
     the bridge (the frozen models stay where they were loaded, e.g. 4-bit on the GPU).
     """
+
+    engine = "torch"  # the other inference engine is composer.llamacpp's (GGUF files only)
 
     def __init__(
         self,
@@ -378,8 +381,6 @@ def check_shared_vocabulary(
     specialist_tokenizer: Any = None,
 ) -> None:
     """Refuse a pair whose token ids mean different things (both models read the same ids)."""
-    from composer.export import tokenizer_fingerprint
-
     if tokenizer is not None and specialist_tokenizer is not None:
         if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(specialist_tokenizer):
             raise ConfigError(

@@ -8,7 +8,6 @@ crash never leaves a half-written bridge.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from composer.architectures import model_shape
 from composer.atomic import write_folder_atomically
 from composer.bridge import Bridge, BridgeShape
 from composer.config import ConfigError
-from composer.identity import fingerprint_mismatch, weights_fingerprint
+from composer.identity import identity_mismatches, model_identity
 from composer.pairing import check_pairs
 
 if TYPE_CHECKING:
@@ -45,66 +44,6 @@ def library_version() -> str:
         return version("calm-composer")
     except PackageNotFoundError:
         return "unknown"
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the token -> id map and the special tokens: equal iff ids mean the same."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
-    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def model_identity(
-    model: torch.nn.Module, *, source: dict[str, Any] | None = None, tokenizer: Any = None
-) -> dict[str, Any]:
-    """What identifies a frozen model: where it came from, the shape the bridge depends on, and a
-    fingerprint of its weights (so another model of the same shape is told apart)."""
-    shape = model_shape(model.config)
-    source = source or {}
-    return {
-        "name": source.get("name") or getattr(model.config, "_name_or_path", "") or "",
-        "revision": source.get("revision"),
-        "sha256": source.get("sha256"),
-        "model_type": shape.model_type,
-        "width": shape.width,
-        "num_layers": shape.num_layers,
-        "vocab_size": shape.vocab_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)
-        if tokenizer is not None
-        else None,
-        "weights_fingerprint": weights_fingerprint(model),
-    }
-
-
-def identity_mismatches(role: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Differences that make a saved bridge wrong for a model (pure).
-
-    Shape facts and tokenizers must match; a file hash or hub revision must match when both
-    sides know it. A different name alone is not a mismatch (folders move).
-    """
-    problems = []
-    for key in ("model_type", "width", "num_layers", "vocab_size"):
-        if saved.get(key) != current.get(key):
-            problems.append(
-                f"{role} {key} is {current.get(key)!r}, the bridge was made for {saved.get(key)!r}"
-            )
-    for key in ("tokenizer_fingerprint", "sha256", "revision"):
-        if saved.get(key) and current.get(key) and saved[key] != current[key]:
-            problems.append(
-                f"{role} {key} differs (bridge made for {saved.get('name') or 'another model'!r} "
-                f"with {key} {str(saved[key])[:12]}..., got {str(current[key])[:12]}...)"
-            )
-    old, new = saved.get("weights_fingerprint"), current.get("weights_fingerprint")
-    if isinstance(old, dict) and isinstance(new, dict):
-        tensor = fingerprint_mismatch(old, new)
-        if tensor is not None:
-            problems.append(
-                f"{role} weights differ (at {tensor}): the bridge was made for "
-                f"{saved.get('name') or 'another model'!r}, a model of the same shape but other "
-                "weights"
-            )
-    return problems
 
 
 def check_bridge_tensors(

@@ -81,7 +81,7 @@ def read_configs(recipe: CompositionConfig) -> dict[str, Any]:
 
 def tokenizers_match(recipe: CompositionConfig) -> bool:
     """Whether both models' tokenizers map tokens to the same ids (loads tokenizers only)."""
-    from composer.export import tokenizer_fingerprint
+    from composer.identity import tokenizer_fingerprint
     from composer.loading import load_tokenizer
 
     a, s = (load_tokenizer(getattr(recipe, role)) for role in ("anchor", "specialist"))

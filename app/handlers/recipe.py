@@ -271,7 +271,7 @@ def _same_tokenizer(session: Session, config: CompositionConfig) -> bool | None:
     """True/False when both tokenizers are cheap to read (not GGUF); None when not compared."""
     if config.anchor.is_gguf or config.specialist.is_gguf:
         return None  # building a tokenizer from GGUF can take tens of seconds
-    from composer.export import tokenizer_fingerprint
+    from composer.identity import tokenizer_fingerprint
 
     try:
         a = tokenizer_for(session, config.anchor)
