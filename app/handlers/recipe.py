@@ -14,11 +14,10 @@ from typing import Any
 
 from app.session import Session
 from composer.config import CompositionConfig, ConfigError, ModelSpec
+from composer.datafiles import READABLE_SUFFIXES as DATA_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-# What composer.data reads (importing it here would load torch at start-up).
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 def preset_choices(session: Session) -> list[tuple[str, str]]:
@@ -414,7 +413,8 @@ def preview_data(
     session: Session, path: str, *, max_length: int | None = None, n: int = 5
 ) -> DataView:
     """Detect the file's format, show its first rows as trained on, and check every row."""
-    from composer.data import detect_format, preview, read_rows, rename_columns, validate_rows
+    from composer.data import preview
+    from composer.datafiles import detect_format, read_rows, rename_columns, validate_rows
     from composer.training_config import DataConfig, TrainingConfig
 
     path = (path or "").strip()
