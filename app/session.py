@@ -58,6 +58,7 @@ class Session:
     stopping: set[str] = field(default_factory=set)  # runs already sent their one SIGTERM
     model_lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # stops a reply
+    server: Any = None  # composer.serve.BackgroundServer while the Chat tab's Serve is on
     tokenizers: dict[str, Any] = field(default_factory=dict)  # for data previews, by model
     model_configs: dict[str, Any] = field(default_factory=dict)  # read configs, by source
 
@@ -115,6 +116,9 @@ class Session:
         """Free the models; with ``stop_runs``, stop this app's training processes (STOP file and
         SIGTERM: each writes a checkpoint first). Returns the runs left running."""
         self.cancel.set()
+        if self.server is not None:  # the Chat tab's OpenAI-compatible API
+            self.server.stop()
+            self.server = None
         self.loaded = None
         alive = [(name, p) for name, p in self.processes.items() if p.poll() is None]
         if not stop_runs:

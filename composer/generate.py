@@ -96,6 +96,12 @@ def generate(
         repetition_penalty=repetition_penalty,
         stop=tuple(stop_strings),
     )
+    from composer.limits import context_of, fit_new_tokens
+
+    # Before any forward: a prompt over the anchor's context is refused, a reply is shortened.
+    max_new_tokens = fit_new_tokens(
+        input_ids.shape[-1], max_new_tokens, positions=context_of(composition.anchor)
+    )
     device = composition.anchor.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     if attention_mask is None:

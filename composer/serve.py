@@ -788,8 +788,7 @@ class BackgroundServer:
         import uvicorn
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.host = host
+        self.app, self.server, self.host = app, uvicorn.Server(config), host
         self.thread = threading.Thread(target=self.server.run, name="calm-serve", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

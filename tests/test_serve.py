@@ -17,6 +17,7 @@ import torch
 
 openai = pytest.importorskip("openai")
 
+from composer.config import ConfigError  # noqa: E402
 from composer.generate import conversation_input_ids  # noqa: E402
 from composer.loading import load_composition  # noqa: E402
 from composer.serve import (  # noqa: E402
@@ -371,3 +372,31 @@ def test_api_key_is_required_and_accepted(served):
     assert [m.id for m in right.models.list()] == [NAME, f"{NAME}:anchor"]
     reply = right.completions.create(model=NAME, prompt="ab+c=", max_tokens=2, temperature=0)
     assert reply.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The app's Serve switch
+
+
+def test_the_apps_serve_switch_serves_what_is_loaded_and_stops(served, tmp_path):
+    from app.handlers import serve as serving
+    from app.session import Loaded, Session
+
+    composition = served[0]
+    session = Session.create(runs_dir=tmp_path / "runs", models_dir=tmp_path / "models")
+    with pytest.raises(ConfigError, match="Load models"):
+        serving.toggle_serving(session, True)
+    session.loaded = Loaded(composition=composition, key="", bridge="")
+    status, snippet = serving.toggle_serving(session, True)
+    url = session.server.url
+    assert url in status and url in snippet and "127.0.0.1" in url
+    name = session.server.app.state.settings.model_name
+    scope = {"openai": openai}
+    exec(snippet.replace('"ab+cde="', '"ab+c="').replace("print(", "answer = ("), scope)
+    assert isinstance(scope["answer"], str)  # the copyable snippet runs as shown
+    models = [m.id for m in client_for(session.server).models.list()]
+    assert models == [name, f"{name}:anchor"]
+    assert serving.toggle_serving(session, False) == ("", "")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/models", timeout=5)
+    session.close()

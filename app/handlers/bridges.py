@@ -39,14 +39,50 @@ def bridge_choices(session: Session) -> list[tuple[str, str]]:
     return choices
 
 
+def allowed_roots(session: Session) -> list[Path]:
+    """Folders the app may read bridges from and write them to: its runs and models folders,
+    the user's home and the temporary folder (never the server's working folder as such)."""
+    return [
+        session.runs_dir,
+        session.models_dir,
+        Path.home().resolve(),
+        Path(tempfile.gettempdir()).resolve(),
+    ]
+
+
+def folder_argument(session: Session, folder: object, what: str = "folder") -> Path | None:
+    """A folder named by a client: text or nothing; relative paths are under the exports folder
+    (never the server's working folder); absolute ones must lie inside :func:`allowed_roots`."""
+    if folder is None:
+        return None
+    if not isinstance(folder, str):
+        raise ConfigError(
+            f"the {what} is {folder!r} ({type(folder).__name__}); expected a folder path as text, "
+            "or nothing for the default"
+        )
+    text = folder.strip()
+    if not text:
+        return None
+    if "\x00" in text:
+        raise ConfigError(f"the {what} {text!r} holds a NUL character; expected a folder path")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = session.exports_dir / path
+    path = path.resolve()
+    roots = allowed_roots(session)
+    if not any(path.is_relative_to(root) for root in roots) or path in roots:
+        raise ConfigError(
+            f"the {what} {str(path)!r} is outside the folders this app may use; choose a folder "
+            "inside " + ", ".join(str(r) for r in roots[:2]) + " or your home folder"
+        )
+    return path
+
+
 def save_bridge(session: Session, folder: str | None = None) -> str:
     """Save the loaded composition's bridge folder; returns its path."""
+    target = folder_argument(session, folder, "bridge folder") or _default_export(session)
     with session.model_lock:
         composition = require_loaded(session)
-        target = (
-            Path(folder).expanduser() if folder and folder.strip() else _default_export(session)
-        )
-        target = target.resolve()
         composition.save_bridge(str(target))
     return str(target)
 
@@ -60,7 +96,7 @@ def archive_bridge(session: Session, folder: str | None = None) -> str:
     """A .zip of a bridge folder (the loaded bridge is saved first when no folder is given)."""
     from composer.export import read_bridge_config
 
-    source = Path(folder).expanduser() if folder and folder.strip() else None
+    source = folder_argument(session, folder, "bridge folder")
     if source is None or not source.exists():
         source = Path(save_bridge(session, folder))
     read_bridge_config(source)  # a folder that is not a bridge is refused with the reason
@@ -81,9 +117,38 @@ def _bridge_folder_in(root: Path) -> Path:
     return found[0]
 
 
+# The largest bridge archive unpacked (uncompressed): full-width 7B bridges are ~1.5 GB; a zip
+# bomb stops here instead of filling the disk.
+MAX_UNPACKED_BYTES = 8 * 1024**3
+
+
+def _unpacked_size(source: Path) -> int:
+    """Uncompressed size of an archive's members, read from its index (nothing extracted)."""
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as bundle:
+            return sum(info.file_size for info in bundle.infolist())
+    with tarfile.open(source) as bundle:
+        return sum(member.size for member in bundle.getmembers())
+
+
 def unpack_bridge(session: Session, archive: str) -> Path:
     """Extract an uploaded .zip/.tar(.gz) into the runs folder; returns the bridge folder in it."""
     source = Path(archive)
+    if not source.is_file():
+        raise ConfigError(f"the archive {source.name!r} is gone or is not a file; upload it again")
+    try:
+        size = (
+            _unpacked_size(source)
+            if (zipfile.is_zipfile(source) or tarfile.is_tarfile(source))
+            else 0
+        )
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
+        raise ConfigError(f"could not read the archive {source.name}: {exc}") from None
+    if size > MAX_UNPACKED_BYTES:
+        raise ConfigError(
+            f"{source.name} unpacks to {size / 1024**3:.1f} GiB, more than any bridge "
+            f"({MAX_UNPACKED_BYTES / 1024**3:.0f} GiB at most); refusing to unpack it"
+        )
     target = Path(tempfile.mkdtemp(prefix="bridge-", dir=_ensure(session.uploads_dir)))
     try:
         if zipfile.is_zipfile(source):
@@ -99,7 +164,7 @@ def unpack_bridge(session: Session, archive: str) -> Path:
                 f"{source.name} is neither a .zip nor a .tar archive; upload the archive that "
                 "Download made, or give the bridge folder"
             )
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise ConfigError(f"could not unpack {source.name}: {exc}") from None
     return _bridge_folder_in(target)
@@ -124,10 +189,13 @@ def load_bridge(session: Session, *, folder: str | None = None, archive: str | N
     """
     from composer.export import load_bridge as compose_with_bridge
 
+    if archive is not None and not isinstance(archive, str):
+        raise ConfigError(f"the archive is {archive!r}; expected the path of an uploaded file")
+    source = folder_argument(session, folder, "bridge folder")
     if archive:
         path = unpack_bridge(session, archive)
-    elif folder and folder.strip():
-        path = _bridge_folder_in(Path(folder.strip()).expanduser())
+    elif source is not None:
+        path = _bridge_folder_in(source)
     else:
         raise ConfigError("give a bridge folder or upload an archive of one")
     with session.model_lock:
@@ -159,6 +227,8 @@ def push_to_hub(session: Session, *, folder: str | None, repo_id: str, private: 
     """Upload a bridge folder (the loaded bridge, saved first, when none is given) to the hub."""
     from composer.export import read_bridge_config
 
+    if repo_id is not None and not isinstance(repo_id, str):
+        raise ConfigError(f"hub repository {repo_id!r} is not text; expected 'owner/name'")
     repo_id = (repo_id or "").strip()
     if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", repo_id):
         raise ConfigError(f"hub repository {repo_id!r} is not of the form 'owner/name'")
@@ -168,7 +238,7 @@ def push_to_hub(session: Session, *, folder: str | None, repo_id: str, private: 
             "no Hugging Face token is configured; run `hf auth login` or set HF_TOKEN, then "
             "push again (the bridge can still be saved and downloaded here)"
         )
-    source = Path(folder).expanduser() if folder and folder.strip() else None
+    source = folder_argument(session, folder, "bridge folder")
     if source is None or not source.exists():
         source = Path(save_bridge(session, folder))
     read_bridge_config(source)

@@ -20,6 +20,18 @@ logger = logging.getLogger(__name__)
 
 
 
+def text_argument(value: Any, what: str) -> str:
+    """A client's text field: a string (stripped), or "" for nothing; anything else is refused
+    with a message (an HTTP client may send numbers, lists or objects)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"the {what} is {value!r} ({type(value).__name__}); expected text")
+    if "\x00" in value:
+        raise ConfigError(f"the {what} holds a NUL character; expected plain text")
+    return value.strip()
+
+
 def preset_choices(session: Session) -> list[tuple[str, str]]:
     """(label, id) for the preset dropdown."""
     return [(p.title if p.title == p.id else f"{p.title} ({p.id})", p.id) for p in session.presets]
@@ -27,6 +39,7 @@ def preset_choices(session: Session) -> list[tuple[str, str]]:
 
 def apply_preset(session: Session, preset_id: str) -> dict[str, Any]:
     """Make a preset the recipe being edited; returns that recipe (a plain dict)."""
+    preset_id = text_argument(preset_id, "preset")
     preset = session.preset(preset_id)
     if preset is None:
         known = ", ".join(p.id for p in session.presets) or "none"
@@ -95,7 +108,8 @@ def set_models(
         ("specialist", specialist, specialist_quantization),
     ):
         section = dict(recipe.get(role) or {})
-        model = _absolute_if_local((model or "").strip())
+        model = _absolute_if_local(text_argument(model, f"{role} model"))
+        quantization = text_argument(quantization, f"{role} quantization")
         if model != section.get("model"):
             section = {"model": model}  # another model: drop its old settings
         section["quantization"] = quantization or "none"
@@ -372,7 +386,7 @@ class DataView:
 
 def set_data_file(session: Session, path: str) -> dict[str, Any]:
     """Make ``path`` the recipe's training file."""
-    path = (path or "").strip()
+    path = text_argument(path, "data file")
     data = dict(session.recipe.get("data") or {})
     if path:
         data["train"] = str(Path(path).expanduser().resolve())
@@ -400,7 +414,7 @@ def data_files(session: Session) -> list[str]:
 
 def keep_upload(session: Session, uploaded: str) -> str:
     """Copy an uploaded file (a temporary path) into the runs folder; returns the new path."""
-    source = Path(uploaded)
+    source = Path(text_argument(uploaded, "uploaded file") or ".")
     if not source.is_file():
         raise ConfigError(f"the uploaded file {source.name!r} is gone; upload it again")
     session.uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +431,7 @@ def preview_data(
     from composer.datafiles import detect_format, read_rows, rename_columns, validate_rows
     from composer.training_config import DataConfig, TrainingConfig
 
-    path = (path or "").strip()
+    path = text_argument(path, "data file")
     if not path:
         raise ConfigError(
             "no data file chosen; pick or upload a .jsonl, .json, .csv, .parquet or .txt"
@@ -425,6 +439,8 @@ def preview_data(
     config = current_recipe(session)
     if max_length is None:
         max_length = TrainingConfig.from_mapping(config.training).max_length
+    elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length is {max_length!r}; expected a whole number of at least 2")
     columns = DataConfig.from_mapping(config.data).columns  # the recipe's renaming, as trained
     rows = rename_columns(read_rows(path), columns)
     if not rows:

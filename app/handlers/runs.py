@@ -4,6 +4,8 @@ the app writes the recipe, starts, stops and resumes the process, and reads the 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -18,7 +20,7 @@ from typing import Any
 
 from app.handlers.recipe import current_recipe
 from app.session import CODE_ROOT, Session
-from composer import progress
+from composer import progress, run_lock
 from composer.config import CompositionConfig, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ def new_run_name(session: Session) -> str:
 
 
 def _check_run_name(name: str) -> str:
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"run name {name!r} is not text; use letters, digits, '.', '_' and '-'")
     name = (name or "").strip()
     if not _RUN_NAME.match(name):
         raise ConfigError(
@@ -108,12 +112,33 @@ def start_training(session: Session, *, run_name: str, hyperparameters: Mapping[
     Refuses (ConfigError) a second run while one is running, an existing run folder (use
     resume), and bad settings (validated here, before anything starts).
     """
+    name = _check_run_name(run_name or new_run_name(session))
+    current_recipe(session)  # both models chosen
+    with _launching(session):
+        return _start(session, name, hyperparameters)
+
+
+@contextlib.contextmanager
+def _launching(session: Session) -> Any:
+    """One Start or Resume at a time, across this app's clients and across apps sharing the runs
+    folder (a flock on runs/.launch.lock): the check that no run is busy and the launch are one
+    step."""
+    session.runs_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(session.runs_dir / ".launch.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _start(session: Session, name: str, hyperparameters: Mapping[str, Any]) -> str:
     import yaml
 
     from composer.training_config import DataConfig, TrainingConfig
 
-    name = _check_run_name(run_name or new_run_name(session))
-    current_recipe(session)  # both models chosen
+    if not isinstance(hyperparameters, Mapping):
+        raise ConfigError(f"training settings are {hyperparameters!r}; expected a mapping")
     busy = _busy_run(session)
     if busy is not None:
         raise ConfigError(
@@ -131,7 +156,7 @@ def start_training(session: Session, *, run_name: str, hyperparameters: Mapping[
     for key, value in hyperparameters.items():
         if key == "eval_fraction":
             if value:
-                data["eval_fraction"] = float(value)
+                data["eval_fraction"] = _number(value, "eval_fraction")
                 data.pop("eval", None)
             else:
                 data.pop("eval_fraction", None)
@@ -154,6 +179,15 @@ def start_training(session: Session, *, run_name: str, hyperparameters: Mapping[
     return name
 
 
+def _number(value: Any, what: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} is {value!r}; expected a number") from None
+
+
 def _is_whole_number(value: Any) -> bool:
     return (
         isinstance(value, (int, float))
@@ -165,6 +199,11 @@ def _is_whole_number(value: Any) -> bool:
 def resume_training(session: Session, run_name: str) -> str:
     """Run the same command on the same folder: training continues from the newest checkpoint."""
     name = _check_run_name(run_name)
+    with _launching(session):
+        return _resume(session, name)
+
+
+def _resume(session: Session, name: str) -> str:
     folder = session.runs_dir / name
     if not (folder / RECIPE_FILE).is_file():
         raise ConfigError(f"run {name!r} has no {RECIPE_FILE} in {session.runs_dir}; start it anew")
@@ -198,22 +237,39 @@ def _busy_run(session: Session, *, grace_s: float = 15.0) -> str | None:
 
 
 def _launch(session: Session, name: str) -> None:
+    """Start the training process holding the run folder's lock (taken here, handed down), so no
+    other process (this app's other clients, another app, a CLI run) can train into it."""
     folder = session.runs_dir / name
-    (folder / progress.STOP).unlink(missing_ok=True)
-    command = [*session.train_command, str(folder / RECIPE_FILE), "--output", str(folder)]
-    logger.info("starting training: %s", " ".join(command))
-    path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-    with open(folder / CONSOLE_LOG, "ab") as console:
-        session.processes[name] = subprocess.Popen(
-            command,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=str(folder),
-            env=env,
-            start_new_session=True,  # a Ctrl-C in the app's terminal does not kill the run
-        )
+    try:
+        lock = run_lock.acquire(folder)
+    except ConfigError:
+        raise ConfigError(
+            f"run {name!r} is being trained by another process; wait for it or stop it first"
+        ) from None
+    try:
+        (folder / progress.STOP).unlink(missing_ok=True)
+        command = [*session.train_command, str(folder / RECIPE_FILE), "--output", str(folder)]
+        logger.info("starting training: %s", " ".join(command))
+        path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": path,
+            run_lock.ENV_FD: str(lock),
+        }
+        with open(folder / CONSOLE_LOG, "ab") as console:
+            session.processes[name] = subprocess.Popen(
+                command,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=str(folder),
+                env=env,
+                pass_fds=(lock,),  # the child holds the lock from its first instruction
+                start_new_session=True,  # a Ctrl-C in the app's terminal does not kill the run
+            )
+    finally:
+        run_lock.release(lock)  # the child keeps its copy
     session.current_run = name
     session.stopping.discard(name)
 
@@ -284,6 +340,8 @@ def run_view(session: Session, run_name: str | None, *, log_lines: int = 20) -> 
     """Read status.json, progress.jsonl and the log of a run (also runs of earlier sessions)."""
     if not run_name:
         return RunView(name="", state="none")
+    if not isinstance(run_name, str) or not _RUN_NAME.match(run_name):
+        return RunView(name=str(run_name), state="none", reason=f"no run {run_name!r}")
     folder = session.runs_dir / run_name
     if not folder.is_dir():
         return RunView(name=run_name, state="none", reason=f"no run {run_name!r}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.handlers import bridges, chat
+from app.handlers import bridges, chat, serve
 from app.session import Session
 from app.ui import MODEL_GROUP, guard
 from composer.config import ConfigError
@@ -64,6 +64,23 @@ def build(session: Session) -> SimpleNamespace:
                 label="Repetition penalty",
                 elem_id="repetition-penalty",
             )
+    with gr.Row():
+        serving = gr.Checkbox(
+            label="Serve (an OpenAI-compatible API on this machine, for editors and scripts)",
+            value=session.server is not None,
+            elem_id="serve-api",
+            scale=1,
+        )
+        serve_status = gr.Markdown(serve.serving_status(session)[0], elem_id="serve-url")
+    serve_code = gr.Code(
+        serve.serving_status(session)[1],
+        language="python",
+        label="Client snippet (pip install openai)",
+        buttons=["copy"],
+        lines=8,
+        visible=session.server is not None,
+        elem_id="serve-snippet",
+    )
     with gr.Accordion("Compare: the same prompt, three ways", open=False):
         compare = gr.Button("Compare (uses the message box)", elem_id="compare")
         with gr.Row():
@@ -157,6 +174,20 @@ def build(session: Session) -> SimpleNamespace:
     stop.click(lambda: chat.stop_reply(session), None, None, api_name="stop_chat", queue=False)
     clear.click(lambda: [], None, chatbot, api_name="clear_chat", queue=False)
     load.click(guard(load_models), bridge, loaded, api_name="load_models", **MODEL_EVENT)
+
+    def toggle_serving(on: bool, choice: str | None) -> tuple[str, Any, str]:
+        if on:
+            ensure_loaded(choice)
+        status, snippet = serve.toggle_serving(session, bool(on))
+        return status, gr.Code(snippet, visible=bool(snippet)), chat.describe_loaded(session)
+
+    serving.change(
+        guard(toggle_serving),
+        [serving, bridge],
+        [serve_status, serve_code, loaded],
+        api_name="serve_api",
+        **MODEL_EVENT,
+    )
 
     def refresh_bridges(choice: str | None) -> Any:
         """The choices now; the selection follows what is loaded (e.g. from the Export tab)."""
