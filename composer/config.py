@@ -314,37 +314,47 @@ class CompositionConfig:
 
 
 def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> CompositionConfig:
-    """A recipe from a YAML file path or a mapping, validated."""
+    """A recipe from a YAML file path or a mapping, validated. A file's relative paths (models,
+    tokenizers, data) are made absolute against its folder (:func:`resolve_paths`)."""
     if isinstance(recipe, Mapping):
         return CompositionConfig.from_dict(recipe)
     path = Path(recipe)
-    if not path.is_file():
-        raise ConfigError(
-            f"recipe file {str(path)!r} does not exist; give the path of a .yaml recipe"
-        )
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{line}; fix the file") from None
-    if data is None:
-        raise ConfigError(f"recipe {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    data = read_yaml(path, what="recipe")
     if isinstance(data, Mapping):
-        data = resolve_model_paths(data, base=path.parent)
+        data = resolve_paths(data, base=path.resolve().parent)
         if isinstance(data.get("default"), bool):
             del data["default"]  # a preset's "open this one first" flag (composer.presets)
     return CompositionConfig.from_dict(data)
 
 
-def resolve_model_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
-    """A copy of ``recipe`` whose relative model/tokenizer paths are absolute against ``base``.
+def read_yaml(path: str | os.PathLike, *, what: str) -> Any:
+    """The parsed YAML file of a ``what`` (recipe, preset): ConfigError naming the file when it is
+    missing, unreadable, not UTF-8, not YAML or empty. The one YAML reader of the package."""
+    import yaml
 
-    A recipe file names its models relative to its own folder (as a preset does). Names that
-    exist there, and .gguf file names, are resolved; other names that are not files or folders
-    there (hub ids such as ``Qwen/Qwen2.5-0.5B``) are left as they are.
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {str(path)!r} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML{line}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"could not read {what} {str(path)!r} ({exc}); expected UTF-8") from None
+    if data is None:
+        raise ConfigError(f"{what} {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    return data
+
+
+def resolve_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
+    """A copy of a parsed recipe whose relative paths are absolute against ``base`` (its folder):
+    the one place a recipe's paths are resolved.
+
+    Models and tokenizers: names that exist there, and .gguf file names, are resolved; other
+    names (hub ids such as ``Qwen/Qwen2.5-0.5B``) stay as they are. Data files (``data.train``,
+    ``data.eval``) are always paths, so they are always resolved (``~`` expanded).
     """
     out = dict(recipe)
     for role in ("anchor", "specialist"):
@@ -363,6 +373,15 @@ def resolve_model_paths(recipe: Mapping[str, Any], *, base: Path) -> dict[str, A
                 if candidate.exists() or value.lower().endswith(".gguf"):
                     section[key] = str(candidate.resolve())
         out[role] = section
+    data = out.get("data")
+    if isinstance(data, Mapping):
+        data = dict(data)
+        for key in ("train", "eval"):
+            value = data.get(key)
+            if isinstance(value, str) and value.strip():  # anything else is for validation
+                path = Path(value).expanduser()
+                data[key] = str(path if path.is_absolute() else (base / path).resolve())
+        out["data"] = data
     return out
 
 

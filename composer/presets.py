@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.config import CompositionConfig, ConfigError, resolve_model_paths
+from composer.config import CompositionConfig, ConfigError, read_yaml, resolve_paths
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +58,6 @@ class Preset:
         return folder if (folder / "bridge_config.json").is_file() else None
 
 
-def _resolve_file(value: Any, base: Path) -> Any:
-    if not isinstance(value, str) or not value.strip():
-        return value  # left for validation to report
-    path = Path(os.path.expanduser(value))
-    return str(path if path.is_absolute() else (base / path).resolve())
-
-
-def resolve_paths(recipe: Mapping[str, Any], base: Path) -> dict[str, Any]:
-    """A copy of a parsed recipe with relative paths made absolute against ``base``: models and
-    tokenizers that exist there (:func:`composer.config.resolve_model_paths`; hub ids stay), and
-    the data files."""
-    out = resolve_model_paths(recipe, base=base)
-    data = out.get("data")
-    if isinstance(data, Mapping):
-        data = dict(data)
-        for key in ("train", "eval"):
-            if key in data and data[key] is not None:
-                data[key] = _resolve_file(data[key], base)
-        out["data"] = data
-    return out
-
-
 def parse_preset(
     recipe: Mapping[str, Any], *, base: str | os.PathLike, preset_id: str = "preset"
 ) -> tuple[CompositionConfig, bool]:
@@ -94,7 +72,7 @@ def parse_preset(
     if not isinstance(default, bool):
         raise ConfigError(f"preset {preset_id!r} has default: {default!r}; expected true or false")
     try:
-        config = CompositionConfig.from_dict(resolve_paths(recipe, Path(base)))
+        config = CompositionConfig.from_dict(resolve_paths(recipe, base=Path(base)))
     except ConfigError as exc:
         raise ConfigError(f"preset {preset_id!r}: {exc}") from None
     return config, default
@@ -102,21 +80,8 @@ def parse_preset(
 
 def read_preset(path: str | os.PathLike) -> Preset:
     """Read and validate one preset file; raises ConfigError naming the file and the problem."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"preset file {str(path)!r} does not exist; check the path")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"preset {str(path)!r} is not valid YAML{line}; fix the file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"could not read preset {str(path)!r} ({exc}); expected UTF-8") from None
-    if data is None:
-        raise ConfigError(f"preset {str(path)!r} is empty; it needs 'anchor' and 'specialist'")
+    data = read_yaml(path, what="preset")
     config, default = parse_preset(data, base=path.resolve().parent, preset_id=path.stem)
     return Preset(id=path.stem, config=config, path=path.resolve(), default=default)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from composer import identity, progress, run_lock
 from composer.architectures import decoder_layers
-from composer.config import CompositionConfig, ConfigError, read_recipe
+from composer.config import CompositionConfig, ConfigError, read_recipe, resolve_paths
 from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
 from composer.training_config import DataConfig, TrainingConfig
 
@@ -468,15 +468,16 @@ def _build_optimizer(
     return cls(groups, lr=config.lr)
 
 
-def _recipe_and_base(
+def _read_recipe(
     recipe: str | os.PathLike | Mapping[str, Any] | CompositionConfig,
     recipe_dir: str | os.PathLike | None,
-) -> tuple[CompositionConfig, Path]:
-    if isinstance(recipe, CompositionConfig):
-        return recipe, Path(recipe_dir or Path.cwd())
-    if isinstance(recipe, Mapping):
-        return read_recipe(recipe), Path(recipe_dir or Path.cwd())
-    return read_recipe(recipe), Path(recipe_dir or Path(recipe).resolve().parent)
+) -> CompositionConfig:
+    """The recipe with its relative paths resolved once: a file's against its own folder, a
+    mapping's or config's against ``recipe_dir`` (default: the current folder)."""
+    if isinstance(recipe, (str, os.PathLike)):
+        return read_recipe(recipe)
+    mapping = recipe.to_dict() if isinstance(recipe, CompositionConfig) else recipe
+    return read_recipe(resolve_paths(mapping, base=Path(recipe_dir or Path.cwd())))
 
 
 def read_training_settings(
@@ -489,12 +490,9 @@ def read_training_settings(
     Relative data paths resolve against the recipe file's folder (``recipe_dir`` when the recipe
     is not a file, else the current folder).
     """
-    config, base = _recipe_and_base(recipe, recipe_dir)
-    return (
-        config,
-        TrainingConfig.from_mapping(config.training),
-        DataConfig.from_mapping(config.data, base=base),
-    )
+    config = _read_recipe(recipe, recipe_dir)
+    training = TrainingConfig.from_mapping(config.training)
+    return config, training, DataConfig.from_mapping(config.data)
 
 
 def train(

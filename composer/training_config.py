@@ -2,8 +2,8 @@
 
 Like :mod:`composer.config`, every dataclass validates itself in ``__post_init__`` and raises
 :class:`~composer.config.ConfigError` naming the field, the value, what was expected and what to
-do. ``from_mapping`` rejects unknown keys. Relative data paths resolve against the recipe file's
-folder (see :meth:`DataConfig.from_mapping`).
+do. ``from_mapping`` rejects unknown keys. Relative data paths were resolved against the recipe
+file's folder when the recipe was read (:func:`composer.config.resolve_paths`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from composer.config import ConfigError, check_keys, is_int, is_number, require, setting
@@ -233,27 +232,14 @@ class DataConfig:
         )
 
     @classmethod
-    def from_mapping(
-        cls, section: Mapping[str, Any] | None, *, base: str | Path | None = None
-    ) -> DataConfig:
-        """Build from the recipe's ``data`` section; relative paths are joined to ``base``."""
+    def from_mapping(cls, section: Mapping[str, Any] | None) -> DataConfig:
+        """Build from the recipe's ``data`` section (its paths were resolved when the recipe was
+        read: :func:`composer.config.resolve_paths`)."""
         values = check_keys(cls, section or {}, "data")
         try:
-            config = cls(**values)
+            return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"bad settings in 'data': {exc}") from None
-        return config.resolved(base) if base is not None else config
-
-    def resolved(self, base: str | Path) -> DataConfig:
-        """The same settings with relative paths made absolute against ``base`` (~ expanded)."""
-
-        def resolve(value: str | None) -> str | None:
-            if value is None:
-                return None
-            path = Path(value).expanduser()
-            return str(path if path.is_absolute() else Path(base) / path)
-
-        return dataclasses.replace(self, train=resolve(self.train), eval=resolve(self.eval))
 
     def require_train(self) -> str:
         """The training file's path; raises ConfigError when the recipe names none."""

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from composer import progress
 from composer.chartok import build_char_tokenizer
 from composer.composition import Composition, compose
-from composer.config import BridgeConfig, ConfigError, read_recipe
+from composer.config import BridgeConfig, ConfigError, read_recipe, resolve_paths
 from composer.data import encode
 from composer.memory import plan
 from composer.train import (
@@ -450,8 +450,9 @@ def test_training_config_messages_name_field_value_and_fix():
         DataConfig(train="a.jsonl", eval="b.jsonl", eval_fraction=0.1)
     assert TrainingConfig(max_steps=None, epochs=2, grad_accum=2).total_steps(7) == 7
     assert TrainingConfig(max_steps=5).total_steps(100) == 5
-    resolved = DataConfig.from_mapping({"train": "d/t.jsonl", "eval": "/abs/e.jsonl"}, base="/r")
-    assert resolved.train == "/r/d/t.jsonl" and resolved.eval == "/abs/e.jsonl"
+    data = {"train": "d/t.jsonl", "eval": "/abs/e.jsonl"}
+    resolved = resolve_paths({"data": data}, base=Path("/r"))
+    assert resolved["data"] == {"train": "/r/d/t.jsonl", "eval": "/abs/e.jsonl"}
 
 
 def test_plan_scales_sensibly(models, tmp_path):
