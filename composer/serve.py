@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any conversation that fits these models' contexts
 ANCHOR_SUFFIX = ":anchor"  # NAME:anchor is the anchor alone (bridge off)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES_OF_PAIR = ("anchor", "specialist")
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -268,12 +269,10 @@ def plan_decoding(
 
 def context_length(composition: Any) -> int | None:
     """The shorter context of the two models (positions either may be asked to read), if known."""
-    lengths = []
-    for role in ("anchor", "specialist"):
-        config = getattr(getattr(composition, role, None), "config", None)
-        value = getattr(config, "max_position_embeddings", None)
-        if isinstance(value, int) and value > 0:
-            lengths.append(value)
+    from composer.pair_check import positions_of
+
+    configs = [getattr(getattr(composition, role, None), "config", None) for role in ROLES_OF_PAIR]
+    lengths = [n for n in (positions_of(c) for c in configs if c is not None) if n is not None]
     return min(lengths) if lengths else None
 
 
@@ -398,8 +397,8 @@ class ModelWorker:
         decoding = job.decoding
         generator = None
         if decoding.seed is not None:
-            device = composition.anchor.get_input_embeddings().weight.device
-            generator = torch.Generator(device=device).manual_seed(decoding.seed)
+            generator = torch.Generator(device=_sampling_device(composition))
+            generator.manual_seed(decoding.seed)
         bridge_off = composition.bridge_off() if not decoding.bridge else contextlib.nullcontext()
         try:
             with bridge_off:
@@ -416,6 +415,12 @@ class ModelWorker:
             int(decoding.input_ids.shape[1]),
             len(streamer.tokens),
         )
+
+
+def _sampling_device(composition: Any) -> torch.device:
+    """Where generate() samples: the torch anchor's device; the CPU for llama.cpp."""
+    embeddings = getattr(composition.anchor, "get_input_embeddings", None)
+    return embeddings().weight.device if embeddings is not None else torch.device("cpu")
 
 
 def finish_reason(streamer: JobStreamer, decoding: Decoding, tokenizer: Any) -> str:

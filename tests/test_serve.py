@@ -176,6 +176,43 @@ def test_stop_string_ends_the_reply_before_it_in_both_modes(served):
     assert streamed_chat(client, NAME, prompt, stop=[stop]) == (cut, "stop")
 
 
+def test_seeded_sampling_repeats_and_equals_composition_generate(served):
+    composition, server, _ = served
+    client = client_for(server)
+    prompt = held_out_prompts(1)[0]
+    ids = composition.tokenizer(prompt, return_tensors="pt").input_ids
+    texts = [
+        client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=NEW, temperature=1.5, seed=seed
+        )
+        .choices[0]
+        .text
+        for seed in (7, 7, 8)
+    ]
+    with torch.no_grad():
+        out = composition.generate(
+            ids,
+            max_new_tokens=NEW,
+            do_sample=True,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(7),
+        )
+    assert texts[0] == texts[1] == composition.tokenizer.decode(out[0], skip_special_tokens=True)
+    assert texts[2] != texts[0]  # the seed matters (checked for these seeds and this prompt)
+
+
+def test_serve_refuses_a_taken_port_before_loading_anything(capsys):
+    from composer.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", str(PRESET), "--port", str(port)]) == 2
+    assert time.monotonic() - started < 5  # no model was loaded
+    assert f"port {port}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # One model, many clients
 
