@@ -20,12 +20,8 @@ openai = pytest.importorskip("openai")
 from composer.config import ConfigError  # noqa: E402
 from composer.generate import conversation_input_ids  # noqa: E402
 from composer.loading import load_composition  # noqa: E402
-from composer.serve import (  # noqa: E402
-    BackgroundServer,
-    create_app,
-    cut_at_stop,
-    held_back,
-)
+from composer.openai_api import cut_at_stop, held_back  # noqa: E402
+from composer.serve import BackgroundServer, create_app  # noqa: E402
 from tests.conftest import randomize_bridge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

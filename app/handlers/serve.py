@@ -15,7 +15,8 @@ PORT = 8000  # calm-composer serve's default; another free port when it is taken
 def start_serving(session: Session, *, port: int = PORT) -> tuple[str, str]:
     """Serve what is loaded (and what gets loaded later); returns (status markdown, snippet)."""
     from composer.network import port_is_free
-    from composer.serve import BackgroundServer, create_app, default_model_name
+    from composer.openai_api import default_model_name
+    from composer.serve import BackgroundServer, create_app
 
     if session.server is None:
         composition = require_loaded(session)
@@ -40,7 +41,8 @@ def stop_serving(session: Session) -> tuple[str, str]:
 
 def serving_status(session: Session) -> tuple[str, str]:
     """(markdown with the URL and model names, the openai client snippet); empty when off."""
-    from composer.serve import ANCHOR_SUFFIX, client_snippet
+    from composer.openai_api import ANCHOR_SUFFIX
+    from composer.serve import client_snippet
 
     server = session.server
     if server is None:
