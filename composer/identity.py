@@ -34,6 +34,10 @@ _ABSOLUTE_TOLERANCE = 1e-4
 IDENTITY_FILE = "run_identity.json"
 
 
+class RunFolderMismatch(ConfigError):
+    """A run folder holds a run made from other models, bridge settings or data."""
+
+
 def _tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield "embed", model.get_input_embeddings().weight
     layers = list(decoder_layers(model))
@@ -231,7 +235,7 @@ def refuse_other_identity(
     """ConfigError when a run folder holds a run made from something else."""
     problems = identity_differences(saved, current)
     if problems:
-        raise ConfigError(
+        raise RunFolderMismatch(
             f"the run folder {folder} holds a run made with other "
             + "; other ".join(problems)
             + ". Resuming or finishing it would mix two runs. Train into a new --output folder, "

@@ -515,7 +515,7 @@ def train(
     """
     from accelerate import Accelerator
 
-    from composer.memory import configure_cuda_allocator
+    from composer.hardware import configure_cuda_allocator
 
     configure_cuda_allocator()  # before accelerate touches CUDA (no effect once it has)
     config, training, data = read_training_settings(recipe, recipe_dir=recipe_dir)
@@ -536,9 +536,17 @@ def train(
     if main:
         _check_writable(output)
         lock = run_lock.inherited(output) or run_lock.acquire(output)
+    known = None
     try:
+        if main:  # before a line is logged or a status written: a refusal leaves no trace
+            known = _run_identity(output, config, training, data)
+            if known[2] and known[1] is not None:
+                identity.refuse_other_identity(output, known[1], known[0])
+        status_file = output / progress.STATUS
+        status_before = status_file.read_bytes() if main and status_file.is_file() else None
         accelerator.wait_for_everyone()
         run = _Run(accelerator, config, training, data, output, stop_path)
+        run.known_identity = known
         with (
             _log_to_file(output / progress.LOG if main else None),
             _StopRequest().installed() as stop,
@@ -555,7 +563,10 @@ def train(
                 # The caller gets the exception (the CLI prints it in one line); the log file
                 # gets the reason and the traceback.
                 _TRACEBACK.error("training failed: %s\n%s", reason, traceback.format_exc())
-                if main:
+                if main and isinstance(exc, identity.RunFolderMismatch):
+                    if status_before is not None:  # the folder's own run is not failed
+                        (output / progress.STATUS).write_bytes(status_before)
+                elif main:
                     with contextlib.suppress(OSError):
                         run.write_status("failed", reason=reason)
                 if failure is exc:
@@ -565,6 +576,20 @@ def train(
                 run.release()
     finally:
         run_lock.release(lock)
+
+
+def _run_identity(
+    output: Path, config: CompositionConfig, training: TrainingConfig, data: DataConfig
+) -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+    """(this run's identity without weights, the folder's recorded one, whether the folder holds
+    a run's state: a checkpoint or a finished bridge)."""
+    current = identity.recipe_identity(
+        config.to_dict(), training.to_dict(), dataclasses.asdict(data)
+    )
+    has_state = (
+        progress.latest_checkpoint(output) is not None or (output / progress.BRIDGE).exists()
+    )
+    return current, identity.read_run_identity(output), has_state
 
 
 def _check_writable(output: Path) -> None:
@@ -633,6 +658,8 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.composition: Composition | None = None
         self.model: Any = None
+        # (identity without weights, the folder's recorded one, has state), read by train()
+        self.known_identity: tuple[dict[str, Any], dict[str, Any] | None, bool] | None = None
 
     def write_status(self, state: str, **fields: Any) -> None:
         progress.write_status(
@@ -656,16 +683,9 @@ class _Run:
         if self.main:
             self.write_status("running")
         train_path = data.require_train()
-        run_identity = identity.recipe_identity(
-            self.config.to_dict(), training.to_dict(), dataclasses.asdict(data)
+        run_identity, saved_identity, has_state = self.known_identity or _run_identity(
+            self.output, self.config, training, data
         )
-        saved_identity = identity.read_run_identity(self.output)
-        has_state = (
-            progress.latest_checkpoint(self.output) is not None
-            or (self.output / progress.BRIDGE).exists()
-        )
-        if has_state and saved_identity is not None:  # before spending minutes loading models
-            identity.refuse_other_identity(self.output, saved_identity, run_identity)
         # An explicit training.max_length beyond a model's positions is refused; the default
         # is lowered to the models' positions.
         explicit = "max_length" in self.config.training
