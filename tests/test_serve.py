@@ -209,6 +209,41 @@ def test_serve_refuses_a_taken_port_before_loading_anything(capsys):
     assert f"port {port}" in capsys.readouterr().err
 
 
+def test_another_host_gets_the_apps_warning_and_loopback_none(served, monkeypatch):
+    import uvicorn
+
+    import composer.serve as serve_module
+    import launch
+
+    ran = []
+    monkeypatch.setattr(serve_module, "load_for_serving", lambda *a, **k: served[0])
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.append(kwargs))
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        lines: list[str] = []
+        serve_module.serve(PRESET, host=host, port=0, announce=lines.append)
+        warnings = [line for line in lines if "WARNING" in line]
+        assert bool(warnings) == warned, lines
+    (app_warning,) = launch.exposure_warnings("0.0.0.0", share=False)
+    shared = app_warning.split(" can ")[0]  # "binding 0.0.0.0: anyone who ... machine"
+    assert shared in warnings[0] and "127.0.0.1 unless you mean it" in warnings[0]
+    assert [kwargs["host"] for kwargs in ran] == ["127.0.0.1", "0.0.0.0"]
+
+
+def test_stream_is_openai_server_sent_events_ending_with_done(served):
+    _, server, _ = served
+    body = {**GOOD, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in reply.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # One model, many clients
 
