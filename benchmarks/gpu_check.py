@@ -32,7 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from composer.memory import GIB, configure_cuda_allocator, plan, probe_device  # noqa: E402
+from composer.hardware import configure_cuda_allocator  # noqa: E402
+from composer.memory import GIB, plan, probe_device  # noqa: E402
 
 GPU_PRESETS = ("presets/qwen2.5-7b-coder-gpu.yaml", "presets/qwen2.5-7b-math-gpu.yaml")
 DEVICE = torch.device("cuda")

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.hardware import DTYPES
 from composer.pairing import LayerPair
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class Bridge(nn.Module):
         super().__init__()
         self.shape = shape
         self.blocks = nn.ModuleList(BridgeBlock(shape) for _ in shape.pairs)
-        self.to(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        self.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
 
     @property
     def pairs(self) -> tuple[LayerPair, ...]:

@@ -197,6 +197,18 @@ def _presets(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from composer import cache
+
+    if args.clear:
+        print(f"cleared {cache.cache_root()}: {cache.clear() / 1e9:.2f} GB freed")
+        return 0
+    print(cache.describe())
+    for entry in cache.entries():
+        print(f"  {entry.size_bytes / 1e9:6.2f} GB  {entry.dtype:9}  {entry.source}")
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from composer.model_files import KNOWN, fetch, missing_files
 
@@ -348,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated subset of subs,math,worked,random_specialist,no_mask,encoder,lora",
     )
     kv.set_defaults(run=_repro_kv)
+
+    cache = commands.add_parser(
+        "cache", help="where converted GGUF models are kept, how big; --clear empties it"
+    )
+    cache.add_argument("--clear", action="store_true", help="delete every converted model")
+    cache.set_defaults(run=_cache)
     return parser
 
 

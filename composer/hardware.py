@@ -1,4 +1,5 @@
-"""What this machine computes well: the dtype that ``auto`` means on a CPU.
+"""What this machine computes well, and the device and dtype helpers everything else uses: the
+default device, the dtype that ``auto`` means (on a CPU, decided below), the CUDA allocator.
 
 bfloat16 halves the memory of frozen models, but only CPUs with native bf16 dot products run its
 matmuls fast: measured on the 2-core AVX2-only CI kind, (300x1536 @ 1536x8960, one thread)
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
 
 def time_matmul(size: int = PROBE_SIZE, repeats: int = 3) -> tuple[float, float]:
     """(bf16 seconds, float32 seconds): the best of ``repeats`` (size x size) matmuls each."""
-    import torch
-
     a = torch.randn(size, size)
     b = torch.randn(size, size)
     best = []
@@ -81,3 +83,49 @@ def cpu_auto_dtype() -> str:
     how = "CPU flags" if flags is not None else f"a timed matmul (bf16, fp32 seconds: {timing})"
     logger.info("dtype auto on this CPU: %s (decided from %s)", choice, how)
     return choice
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA; on a CPU, bf16 only where it computes bf16 natively (else float32:
+    bf16 matmuls are ~100x slower there; see :func:`cpu_auto_dtype`)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_auto_dtype() == "bfloat16" else torch.float32
+    return DTYPES[name]
+
+
+# Environment variables that choose the CUDA caching allocator's settings (the second is the
+# newer name, torch >= 2.9); either one set means the user chose.
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+DEFAULT_CUDA_ALLOCATOR = "expandable_segments:True"
+
+
+def allocator_setting(environ: Mapping[str, str]) -> str | None:
+    """The CUDA allocator setting to add, or None where the user already chose one (pure).
+
+    Expandable segments let the caching allocator grow a segment in place instead of holding
+    fragmented blocks. Measured on an H100 (docs/BENCHMARKS.md), same allocated peak: the 7B
+    coder preset reserved 14.26 GiB with it and 15.44 GiB without; the math preset 11.13 vs
+    12.44 GiB: the difference between fitting a 16 / 12 GB card or not.
+    """
+    if any(name in environ for name in ALLOCATOR_ENV):
+        return None
+    return DEFAULT_CUDA_ALLOCATOR
+
+
+def configure_cuda_allocator() -> bool:
+    """Set the allocator's settings before CUDA starts (it reads them once); True if it did."""
+    setting = allocator_setting(os.environ)
+    if setting is None or torch.cuda.is_initialized():
+        return False
+    os.environ[ALLOCATOR_ENV[0]] = setting
+    logger.debug("%s=%s", ALLOCATOR_ENV[0], setting)
+    return True

@@ -7,10 +7,10 @@ requested dtype). ``nf4``/``int8`` quantise with bitsandbytes, on CUDA or on the
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import dataclasses
 import logging
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from composer.architectures import model_shape
+from composer.cache import cache_root
 from composer.config import CompositionConfig, ConfigError, ModelSpec, read_recipe
+from composer.hardware import configure_cuda_allocator, default_device, resolve_dtype
 
 if TYPE_CHECKING:
     from composer.composition import Composition
@@ -45,22 +47,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     source: dict[str, Any] = field(default_factory=dict)  # name, kind, revision, sha256
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA; on a CPU, bf16 only where it computes bf16 natively (else float32:
-    bf16 matmuls are ~100x slower there; see composer.hardware)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        from composer.hardware import cpu_auto_dtype
-
-        return torch.bfloat16 if cpu_auto_dtype() == "bfloat16" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -123,19 +109,12 @@ def _from_hub(spec: ModelSpec) -> Location:
     return Location(kind="hub", folder=folder_path, revision=folder_path.name)
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so reloading is free."""
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """sha256 of a file, remembered per (path, size, mtime) so reloading is free (in this
+    process, and on disk for large files: see composer.cache)."""
+    from composer.cache import file_sha256 as remembered_sha256
+
+    return remembered_sha256(path)
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
@@ -214,6 +193,20 @@ def quantize_nf4_in_memory(
     return len(targets)
 
 
+# What a malformed or truncated model file raises inside transformers, gguf, numpy or safetensors
+# (struct.error from a cut GGUF header, a reshape ValueError from cut tensor data, ...).
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, struct.error)
+
+
+def _unreadable(spec: ModelSpec, what: str, exc: BaseException) -> ConfigError:
+    """One message for a model file that cannot be read, naming it as malformed."""
+    kind = "GGUF file" if spec.is_gguf else "model folder"
+    return ConfigError(
+        f"could not read the {what} of {spec.model!r}: the {kind} is malformed or truncated "
+        f"({type(exc).__name__}: {_first_line(exc)}); download or convert it again"
+    )
+
+
 def load_config(spec: ModelSpec, location: Location | None = None) -> Any:
     """The model's transformers config, checked against the architecture table (no weights)."""
     from transformers import AutoConfig
@@ -225,9 +218,13 @@ def load_config(spec: ModelSpec, location: Location | None = None) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(location.folder), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
+        if spec.is_gguf:  # the file exists (locate checked): it cannot be parsed
+            raise _unreadable(spec, "config", exc) from None
         raise ConfigError(
             f"could not read the config of {spec.model!r}: {_first_line(exc)}"
         ) from None
+    except _UNREADABLE as exc:
+        raise _unreadable(spec, "config", exc) from None
     model_shape(config)  # unknown architecture -> ConfigError naming it
     return config
 
@@ -247,6 +244,8 @@ def load_tokenizer(spec: ModelSpec, location: Location | None = None) -> Any:
             f"could not load a tokenizer for {spec.model!r} from {source}: {_first_line(exc)}; "
             "set 'tokenizer:' in the model's section to a folder or hub id that has one"
         ) from None
+    except _UNREADABLE as exc:
+        raise _unreadable(spec, "tokenizer", exc) from None
     return tokenizer
 
 
@@ -256,16 +255,17 @@ def load_model(
     """Load a frozen causal LM (eval mode, no gradients) and, by default, its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from composer.memory import configure_cuda_allocator
-
     configure_cuda_allocator()  # before the first CUDA allocation, or it has no effect
     device = torch.device(device) if device is not None else default_device()
     location = locate(spec)
-    load_config(spec, location)
     dtype = resolve_dtype(spec.dtype, device)
+    sha256 = file_sha256(location.folder / location.gguf_file) if location.gguf_file else None
+    converted = _converted(sha256, dtype)  # a GGUF converted by an earlier load, if any
+    weights = Location(kind="folder", folder=converted) if converted else location
+    load_config(spec, weights)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
-    if location.gguf_file:
-        kwargs["gguf_file"] = location.gguf_file
+    if weights.gguf_file:
+        kwargs["gguf_file"] = weights.gguf_file
     # transformers cannot quantise while loading a GGUF: dequantise, then quantise in memory.
     quantize_after = location.gguf_file is not None and spec.quantization != "none"
     if quantize_after and spec.quantization != "nf4":
@@ -277,11 +277,22 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device) if device.type == "cpu" else device.index or 0}
-    logger.info("loading %s (%s, %s, %s)", spec.model, location.kind, spec.quantization, dtype)
+    how = f"the converted copy in {converted}" if converted else location.kind
+    logger.info("loading %s (%s, %s, %s)", spec.model, how, spec.quantization, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(location.folder), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(weights.folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"could not load model {spec.model!r}: {_first_line(exc)}") from None
+    except (*_UNREADABLE, Exception) as exc:  # e.g. SafetensorError from a cut weights file
+        raise _unreadable(spec, "weights", exc) from None
+    tokenizer = None
+    if location.gguf_file and converted is None and sha256 is not None and cache_root():
+        # Converted once, mapped from now on; with the GGUF's own tokenizer (slow to build).
+        from composer.cache import store_converted
+
+        own = load_tokenizer(dataclasses.replace(spec, tokenizer=None), location)
+        tokenizer = own if spec.tokenizer is None else None
+        store_converted(model, own, sha256=sha256, dtype=_dtype_name(dtype), source=str(spec.model))
     if quant is None:
         model.to(device)
     if quantize_after:
@@ -294,14 +305,30 @@ def load_model(
         disable_cpu_bf16_repack(model)
     model.requires_grad_(False)
     model.eval()
-    tokenizer = load_tokenizer(spec, location) if with_tokenizer else None
+    if tokenizer is None and with_tokenizer:
+        tokenizer = load_tokenizer(spec, weights)  # a converted copy holds the GGUF's tokenizer
+    elif not with_tokenizer:
+        tokenizer = None
     source = {
         "name": spec.model,
         "kind": location.kind,
         "revision": location.revision,
-        "sha256": file_sha256(location.folder / location.gguf_file) if location.gguf_file else None,
+        "sha256": sha256,
     }
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _converted(sha256: str | None, dtype: torch.dtype) -> Path | None:
+    """The cached safetensors copy of a GGUF file in ``dtype`` (composer.cache), or None."""
+    if sha256 is None:
+        return None
+    from composer.cache import converted_folder
+
+    return converted_folder(sha256, _dtype_name(dtype))
 
 
 def load_composition(

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from composer.architectures import model_shape
+from composer.composition import bridge_shape_for
+from composer.config import CompositionConfig, read_recipe
+from composer.hardware import default_device, resolve_dtype
+from composer.loading import load_config
+from composer.training_config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ class DeviceMemory:
 def probe_device(device: torch.device | None = None) -> DeviceMemory:
     """Memory of the device training/inference would use (CUDA if present, else system RAM)."""
     if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return DeviceMemory(
@@ -83,35 +89,6 @@ def probe_device(device: torch.device | None = None) -> DeviceMemory:
     except (ValueError, OSError):
         available = total
     return DeviceMemory(name="cpu (system RAM)", total_bytes=total, available_bytes=available)
-
-
-# Environment variables that choose the CUDA caching allocator's settings (the second is the
-# newer name, torch >= 2.9); either one set means the user chose.
-ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-DEFAULT_CUDA_ALLOCATOR = "expandable_segments:True"
-
-
-def allocator_setting(environ: Mapping[str, str]) -> str | None:
-    """The CUDA allocator setting to add, or None where the user already chose one (pure).
-
-    Expandable segments let the caching allocator grow a segment in place instead of holding
-    fragmented blocks. Measured on an H100 (docs/BENCHMARKS.md), same allocated peak: the 7B
-    coder preset reserved 14.26 GiB with it and 15.44 GiB without; the math preset 11.13 vs
-    12.44 GiB: the difference between fitting a 16 / 12 GB card or not.
-    """
-    if any(name in environ for name in ALLOCATOR_ENV):
-        return None
-    return DEFAULT_CUDA_ALLOCATOR
-
-
-def configure_cuda_allocator() -> bool:
-    """Set the allocator's settings before CUDA starts (it reads them once); True if it did."""
-    setting = allocator_setting(os.environ)
-    if setting is None or torch.cuda.is_initialized():
-        return False
-    os.environ[ALLOCATOR_ENV[0]] = setting
-    logger.debug("%s=%s", ALLOCATOR_ENV[0], setting)
-    return True
 
 
 def gib(n: float) -> str:
@@ -159,8 +136,6 @@ def training_peak_bytes(
     gradient; the specialist runs without autograd). With gradient checkpointing those layers
     keep only their inputs, plus one layer's activations while it is recomputed.
     """
-    from composer.architectures import model_shape
-
     shape = model_shape(anchor_config)
     text = anchor_config.get_text_config() if hasattr(anchor_config, "get_text_config") else None
     mlp = getattr(text or anchor_config, "intermediate_size", None) or 4 * shape.width
@@ -246,15 +221,10 @@ def plan(
     its gradients and optimizer state, and the activations of the longest batch. Pass
     ``model_configs`` when the configs are already read (reading a GGUF's takes seconds).
     """
-    from composer.composition import bridge_shape_for
-    from composer.config import CompositionConfig, read_recipe
-    from composer.loading import load_config, resolve_dtype
-    from composer.training_config import TrainingConfig
-
     config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
     training = TrainingConfig.from_mapping(config.training)
     memory = memory or probe_device(device)
-    target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = device or default_device()
     components: list[tuple[str, int, str]] = []
     configs = {}
     dtypes = {}

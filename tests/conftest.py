@@ -16,6 +16,15 @@ from transformers import (
 VOCAB = 97
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """GGUF models converted by tests go to a temporary cache, not the user's (composer.cache);
+    a cache chosen in the environment (CALM_COMPOSER_CACHE) is kept."""
+    import os
+
+    os.environ.setdefault("CALM_COMPOSER_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+
+
 def _decoder_config(config_class, *, layers: int, width: int, vocab_size: int):
     return config_class(
         vocab_size=vocab_size,

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from composer import hardware
-from composer.hardware import choose_cpu_dtype, cpu_flags
-from composer.loading import resolve_dtype
+from composer.hardware import choose_cpu_dtype, cpu_flags, resolve_dtype
 
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma"}  # the CI kind's development machines
 ZEN4 = AVX2_ONLY | {"avx512f", "avx512_bf16"}

@@ -479,7 +479,7 @@ def test_plan_scales_sensibly(models, tmp_path):
 
 
 def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
-    from composer.memory import (
+    from composer.hardware import (
         ALLOCATOR_ENV,
         DEFAULT_CUDA_ALLOCATOR,
         allocator_setting,
