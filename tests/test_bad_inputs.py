@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -641,3 +642,225 @@ def test_a_second_sigterm_is_one_line_and_the_status_promises_nothing_missing(wo
     assert status["state"] == "failed"
     assert "no checkpoint was written yet" in status["reason"]
     assert progress.latest_checkpoint(output) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory: inputs 100x beyond every bound, peak memory within a fixed budget
+
+MEMORY_BUDGET_MB = 150  # the peak may grow this much over the whole script (unbounded: > 600)
+
+_MEMORY_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from composer.chartok import build_char_tokenizer
+from composer.config import ConfigError
+from composer.data import load_dataset, preview
+from composer.datafiles import max_chars
+from composer.limits import CHARS_PER_POSITION
+from composer.loading import load_composition
+from composer.cli import main
+from app.handlers import chat, recipe as recipe_handlers
+from app.session import Session
+import yaml
+
+world, recipe_path, folder = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+tokenizer = build_char_tokenizer()
+composition = load_composition(recipe_path)
+session = Session.create(presets_dir=folder / "no-presets", runs_dir=folder / "runs")
+session.recipe = yaml.safe_load(recipe_path.read_text())
+chat.load_models(session)
+recipe_handlers.tokenizer_for(session, composition.recipe.anchor)
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+max_length = 512
+row = "ab" * (100 * max_chars(max_length) // 2)  # 100x the row bound
+data = folder / "long.jsonl"
+data.write_text(json.dumps({"text": row}) + "\\n" + json.dumps({"text": "x=1"}) + "\\n")
+prompt = "a" * (100 * CHARS_PER_POSITION * 256)  # 100x the prompt bound (256 positions)
+refused = {}
+start = peak_mb()
+split = load_dataset(data, tokenizer, max_length=max_length)
+assert len(split.train[0].input_ids) == max_length
+preview(data, tokenizer, max_length=max_length)
+recipe_handlers.preview_data(session, str(data), max_length=max_length)
+try:
+    list(chat.stream_reply(session, [{"role": "user", "content": prompt}], chat.ChatSettings()))
+except ConfigError as exc:
+    refused["chat"] = str(exc)
+try:
+    composition.generate(torch.ones(1, 100 * 256, dtype=torch.long), max_new_tokens=4)
+except ConfigError as exc:
+    refused["generate"] = str(exc)
+refused["cli"] = main(["generate", str(recipe_path), "--prompt", prompt])
+print(json.dumps({"grown_mb": peak_mb() - start, "refused": refused}))
+"""
+
+
+@pytest.mark.slow
+def test_inputs_100x_beyond_every_bound_stay_within_a_memory_budget(world, tmp_path):
+    recipe = recipe_file(world, tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(world), str(recipe), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(REPO),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "the prompt is 819,200 characters" in report["refused"]["chat"]
+    assert "the prompt is 25,600 tokens" in report["refused"]["generate"]
+    assert report["refused"]["cli"] == 2 and "819,200 characters" in result.stderr
+    assert report["grown_mb"] < MEMORY_BUDGET_MB, report
+
+
+# ---------------------------------------------------------------------------------------------
+# App endpoints: wrong types and folders outside the allowed roots
+
+
+@pytest.fixture
+def app_session(world, tmp_path):
+    from app.session import Session
+
+    session = Session.create(presets_dir=tmp_path / "no-presets", runs_dir=tmp_path / "runs")
+    session.recipe = yaml.safe_load(recipe_file(world, tmp_path / "recipe").read_text())
+    yield session
+    session.close()
+
+
+@pytest.mark.parametrize("folder", [5, 3.5, {"path": "x"}, ["a"], "relative-name", "/etc/calm"])
+def test_save_bridge_never_writes_into_the_working_folder(
+    app_session, tmp_path, monkeypatch, folder
+):
+    from app.handlers import bridges, chat
+
+    cwd = tmp_path / "server-cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    chat.load_models(app_session)
+    if isinstance(folder, str) and not folder.startswith("/"):
+        saved = Path(bridges.save_bridge(app_session, folder))  # relative: under the exports
+        assert saved.parent == app_session.exports_dir and (saved / "bridge_config.json").is_file()
+    else:
+        with pytest.raises(ConfigError, match="expected a folder path as text|outside the folders"):
+            bridges.save_bridge(app_session, folder)
+    assert list(cwd.iterdir()) == []
+    assert not Path("/etc/calm").exists()
+
+
+def test_app_handlers_refuse_wrong_types_with_a_message(app_session):
+    from app.handlers import bridges, chat, recipe, runs
+
+    cases = [
+        (lambda: recipe.apply_preset(app_session, 5), "the preset is 5"),
+        (lambda: recipe.set_models(app_session, anchor={"a": 1}, specialist="x"), "anchor model"),
+        (lambda: recipe.set_data_file(app_session, ["x"]), "the data file is"),
+        (lambda: recipe.preview_data(app_session, 7), "the data file is 7"),
+        (lambda: runs.start_training(app_session, run_name=3, hyperparameters={}), "run name 3"),
+        (lambda: runs.resume_training(app_session, {"x": 1}), "is not text"),
+        (lambda: runs.stop_training(app_session, "../../etc"), "not usable as a folder name"),
+        (lambda: bridges.load_bridge(app_session, folder=9), "expected a folder path"),
+        (lambda: bridges.load_bridge(app_session, archive=9), "expected the path of an uploaded"),
+        (lambda: bridges.push_to_hub(app_session, folder=None, repo_id=5), "is not text"),
+        (lambda: chat.flatten_history(5), "expected a list of messages"),
+        (lambda: chat.ChatSettings(max_new_tokens="many").generation(), "max_new_tokens is"),
+        (lambda: chat.ChatSettings(top_k=2.5).generation(), "expected a whole number"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            call()
+    assert runs.run_view(app_session, "../../etc").state == "none"
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_forward(app_session):
+    from app.handlers import chat
+
+    chat.load_models(app_session)
+    anchor = app_session.loaded.composition.anchor
+    calls = {"n": 0}
+    hook = anchor.register_forward_pre_hook(lambda *_: calls.update(n=calls["n"] + 1))
+    try:
+        long = [{"role": "user", "content": "ab=1;" * 60}]  # under the character bound only
+        with pytest.raises(ConfigError, match=r"the prompt is \d+ tokens; the anchor's context"):
+            list(chat.stream_reply(app_session, long, chat.ChatSettings()))
+        assert calls["n"] == 0
+        # a prompt that fits, with a reply that would not: the reply is shortened, not refused
+        fits = [{"role": "user", "content": "ab=1;" * 40}]
+        replies = list(chat.stream_reply(app_session, fits, chat.ChatSettings(max_new_tokens=500)))
+        assert calls["n"] > 0 and replies
+    finally:
+        hook.remove()
+
+
+def _wait_for_state(session, name: str, states: tuple[str, ...], timeout: float = 240):
+    from app.handlers import runs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = runs.run_view(session, name)
+        if view.state in states:
+            return view
+        time.sleep(0.3)
+    raise AssertionError(f"run {name} never reached {states}: {view.state}\n{view.log_tail}")
+
+
+@pytest.mark.slow
+def test_concurrent_start_and_resume_run_one_process(world, tmp_path):
+    """Start from one client and Resume from another (and from a second app on the same runs
+    folder) at the same moment: one training process, the others get a message."""
+    from app.handlers import runs
+    from app.session import Session
+
+    recipe = yaml.safe_load(recipe_file(world, tmp_path / "recipe").read_text())
+    recipe["training"] = {**TRAINING, "max_steps": 30, "save_every": 10}
+    apps = [Session.create(presets_dir=tmp_path / "none", runs_dir=tmp_path / "runs") for _ in "ab"]
+    for session in apps:
+        session.recipe = recipe
+    # a stopped run to resume: its folder exists with a recipe
+    folder = tmp_path / "runs" / "race"
+    folder.mkdir(parents=True)
+    (folder / runs.RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def attempt(session, action) -> None:  # noqa: ANN001
+        barrier.wait()
+        try:
+            action(session)
+            outcomes.append("started")
+        except ConfigError as exc:
+            outcomes.append(f"refused: {exc}")
+
+    actions = [
+        (apps[0], lambda s: runs.resume_training(s, "race")),
+        (apps[0], lambda s: runs.resume_training(s, "race")),
+        (apps[1], lambda s: runs.resume_training(s, "race")),
+        (apps[1], lambda s: runs.start_training(s, run_name="race", hyperparameters={})),
+    ]
+    threads = [threading.Thread(target=attempt, args=a) for a in actions]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert outcomes.count("started") == 1, outcomes
+        refusals = [o for o in outcomes if o.startswith("refused")]
+        assert all(
+            "still training" in o
+            or "being trained by another process" in o
+            or "already exists" in o
+            for o in refusals
+        ), refusals
+        alive = [p for s in apps for p in s.processes.values() if p.poll() is None]
+        assert len(alive) == 1
+        owner = next(s for s in apps if s.processes)
+        view = _wait_for_state(owner, "race", ("finished", "failed"))
+        assert view.state == "finished", view.reason
+    finally:
+        for session in apps:
+            session.close()
