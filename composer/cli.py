@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from composer.config import ConfigError, read_recipe
 
@@ -26,9 +27,18 @@ def _info(args: argparse.Namespace) -> int:
         probe_device,
         weight_bytes,
     )
+    from composer.pair_check import check_pair_configs
+    from composer.training_config import TrainingConfig
 
     recipe = read_recipe(args.recipe)
     configs = {role: load_config(getattr(recipe, role)) for role in ("anchor", "specialist")}
+    max_length = TrainingConfig.from_mapping(recipe.training).max_length
+    # An incompatible pair (vocabulary, widths, positions) is an error: exit status 2.
+    check_pair_configs(
+        recipe,
+        configs=configs,
+        max_length=max_length if "max_length" in recipe.training else None,
+    )
     shape = bridge_shape_for(configs["anchor"], configs["specialist"], recipe.bridge)
     counts = {role: count_parameters(config) for role, config in configs.items()}
     bridge_params = shape.num_parameters()
@@ -71,6 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
     from composer.loading import load_composition
 
     recipe = read_recipe(args.recipe)
+    _check_prompt_length(recipe, (args.system or "") + args.prompt)
     composition = load_composition(recipe, bridge=args.bridge)
     if args.bridge is None:
         logger.warning("no --bridge given: the bridge is untrained, so this is the anchor alone")
@@ -118,6 +129,15 @@ def _serve(args: argparse.Namespace) -> int:
         announce=lambda line: print(f"calm-composer: {line}", file=sys.stderr),
     )
     return 0
+
+
+def _check_prompt_length(recipe: Any, prompt: str) -> None:
+    """Refuse a prompt far beyond the anchor's context before loading or tokenizing anything."""
+    from composer.limits import check_prompt_chars
+    from composer.loading import load_config
+    from composer.pair_check import positions_of
+
+    check_prompt_chars(prompt, positions=positions_of(load_config(recipe.anchor)))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -376,14 +396,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    return _run_with_one_error_boundary(args)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _run_with_one_error_boundary(args: argparse.Namespace) -> int:
+    """Every failure as one line on stderr (the traceback only with -v): exit status 2 for bad
+    input (ConfigError), 1 for a failure (TrainingFailed, or anything unexpected), 130 for an
+    interrupt."""
+    import traceback
+
     try:
         return args.run(args)
     except ConfigError as exc:
-        print(f"calm-composer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("calm-composer: interrupted", file=sys.stderr)
+        print(f"calm-composer: error: {_one_line(str(exc))}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return int(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt as exc:
+        detail = f": {_one_line(str(exc))}" if str(exc) else ""
+        print(f"calm-composer: interrupted{detail}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary: one line, never a traceback by default
+        first = _one_line(str(exc)) or "no message"
+        print(
+            f"calm-composer: error: {type(exc).__name__}: {first}"
+            + ("" if args.verbose else " (run with -v for the traceback)"),
+            file=sys.stderr,
+        )
+        if args.verbose:
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":
