@@ -90,14 +90,29 @@ class ChatSettings:
 
     def generation(self) -> GenerationConfig:
         """Validated decoding settings (ConfigError names a bad one)."""
-        return GenerationConfig(
-            max_new_tokens=int(self.max_new_tokens),
-            do_sample=bool(self.do_sample),
-            temperature=float(self.temperature),
-            top_p=float(self.top_p),
-            top_k=int(self.top_k),
-            repetition_penalty=float(self.repetition_penalty),
-        )
+        values = {}
+        for name, kind in (
+            ("max_new_tokens", int),
+            ("temperature", float),
+            ("top_p", float),
+            ("top_k", int),
+            ("repetition_penalty", float),
+        ):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise TypeError
+                number = float(value)
+                if kind is int and not number.is_integer():
+                    raise ValueError
+                values[name] = kind(number)
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(
+                    f"{name} is {value!r}; expected a {'whole ' if kind is int else ''}number"
+                ) from None
+        if not isinstance(self.system_prompt, str):
+            raise ConfigError(f"the system prompt is {self.system_prompt!r}; expected text")
+        return GenerationConfig(do_sample=bool(self.do_sample), **values)
 
 
 def flatten_content(content: Any) -> str:
@@ -113,8 +128,18 @@ def flatten_content(content: Any) -> str:
 
 def flatten_history(history: Sequence[Mapping[str, Any]] | None) -> list[dict[str, str]]:
     """[{"role", "content": str}, ...] from a Chatbot value (other roles dropped)."""
+    if history is not None and not isinstance(history, (list, tuple)):
+        raise ConfigError(
+            f"the conversation is {type(history).__name__}; expected a list of messages "
+            '({"role": "user", "content": "..."})'
+        )
     out = []
     for message in history or []:
+        if not isinstance(message, Mapping):
+            raise ConfigError(
+                f"a message of the conversation is {message!r}; expected "
+                '{"role": "user" or "assistant", "content": "..."}'
+            )
         role = message.get("role")
         if role in ("user", "assistant", "system"):
             out.append({"role": role, "content": flatten_content(message.get("content"))})
@@ -206,14 +231,23 @@ def stream_reply(
 
     Holds the model lock while decoding. Stop (``stop_reply``) ends it within one token.
     """
+    from composer.limits import check_prompt_chars, context_of, fit_new_tokens
+
     generation = settings.generation()
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ConfigError("type a message first")
     with session.model_lock:
         composition = require_loaded(session)
         tokenizer = composition.tokenizer
+        # Refused before any work when it cannot fit the context (memory grows with it).
+        positions = context_of(composition.anchor)
+        text = settings.system_prompt + "".join(m["content"] for m in messages)
+        check_prompt_chars(text, positions=positions)
         input_ids = prompt_ids(tokenizer, messages, settings.system_prompt)
         kwargs = _decode_kwargs(generation)
+        kwargs["max_new_tokens"] = fit_new_tokens(
+            input_ids.shape[-1], kwargs["max_new_tokens"], positions=positions
+        )
         session.cancel.clear()
         if model == "specialist":
             decode = _specialist_decode(composition, input_ids, kwargs, tokenizer)

@@ -195,7 +195,8 @@ def build(session: Session) -> SimpleNamespace:
         values = {value for _, value in choices}
         if session.loaded is not None:
             choice = session.loaded.bridge
-        return gr.Dropdown(choices=choices, value=choice if choice in values else chat.NEW_BRIDGE)
+        known = isinstance(choice, str) and choice in values  # a client may send anything
+        return gr.Dropdown(choices=choices, value=choice if known else chat.NEW_BRIDGE)
 
     refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
     return SimpleNamespace(
