@@ -49,10 +49,13 @@ def random_bridge(folder: Path) -> Path:
     return folder
 
 
-def start_server(bridge: Path, port: int) -> subprocess.Popen:
+def start_server(bridge: Path, port: int, threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "composer.cli", "serve", str(PRESET), "--bridge", str(bridge)]
     command += ["--port", str(port), "--model-name", NAME]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if threads:  # torch's intra-op threads in the server (OpenMP)
+        env["OMP_NUM_THREADS"] = str(threads)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -153,6 +156,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--bridge", help="bridge folder (default: the shipped one, else random)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in the server (default: torch's choice)"
+    )
     parser.add_argument("--write", action="store_true", help="append to docs/BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -166,7 +172,7 @@ def main() -> None:
         else:
             bridge = random_bridge(Path(tmp) / "bridge")
             about = "a bridge of seeded random weights (the shipped one was not there yet)"
-        server = start_server(bridge, args.port)
+        server = start_server(bridge, args.port, args.threads)
         try:
             url = f"http://127.0.0.1:{args.port}/v1"
             load(url, prompts, 1, 2, args.max_tokens)  # warm-up
@@ -177,7 +183,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    machine = describe()  # the server process runs torch's default threads, as this one
+    machine = describe()  # this process; the server's threads are said next
+    machine += f"; server with OMP_NUM_THREADS={args.threads}" if args.threads else ""
     machine += ", load average {:.1f} / {:.1f} / {:.1f} at the end (other jobs included)".format(
         *os.getloadavg()
     )

@@ -211,6 +211,12 @@ def plan_decoding(
         new = max_tokens
     else:
         new = defaults.max_new_tokens if room is None else min(defaults.max_new_tokens, room)
+    if request.temperature is not None and not 0 <= request.temperature <= 2:
+        raise APIError(
+            400,
+            f"temperature is {request.temperature}; expected 0 (greedy) to 2",
+            param="temperature",
+        )
     temperature = defaults.temperature if request.temperature is None else request.temperature
     do_sample = defaults.do_sample if request.temperature is None else request.temperature > 0
     decoding = Decoding(

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, through the real `openai` client, on 127.0.0.1: the default
-preset with a bridge that changes its output (made here: seeded random weights, saved and loaded
-back), the anchor alone by name, many clients at once, a client killed mid-stream, every bad
+preset with a bridge that changes its output (its trained bridge when shipped, else seeded
+random weights saved and loaded back), the anchor alone by name, many clients at once, a client killed mid-stream, every bad
 request and the API key."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tests.conftest import randomize_bridge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "kv-arithmetic.yaml"
+SHIPPED_BRIDGE = ROOT / "presets" / "bridges" / "kv-arithmetic"  # the preset's trained bridge
 NAME = "kv"
 KEY = "test-key-123"
 NEW = 8  # tokens per reply: enough to tell the models apart, cheap on a shared CPU
@@ -33,13 +34,16 @@ NEW = 8  # tokens per reply: enough to tell the models apart, cheap on a shared 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(composition, server, keyed server): the default preset with a saved and reloaded bridge,
-    served twice over one model lock (without and with an API key)."""
+    """(composition, server, keyed server): the default preset with its trained bridge when it
+    ships one, else a saved and reloaded bridge of seeded random weights; served twice over one
+    model lock (without and with an API key)."""
     torch.set_num_threads(1)
-    made = load_composition(PRESET, device="cpu")
-    randomize_bridge(made, seed=0, scale=0.5)  # non-zero: the composition is not the anchor
-    folder = tmp_path_factory.mktemp("bridge") / "kv-bridge"
-    made.save_bridge(str(folder))
+    folder = SHIPPED_BRIDGE
+    if not (folder / "bridge_config.json").is_file():  # not shipped (yet): a seeded random one
+        made = load_composition(PRESET, device="cpu")
+        randomize_bridge(made, seed=0, scale=0.5)  # non-zero: the composition is not the anchor
+        folder = tmp_path_factory.mktemp("bridge") / "kv-bridge"
+        made.save_bridge(str(folder))
     composition = load_composition(PRESET, bridge=folder, device="cpu")
     lock = threading.Lock()
     server = BackgroundServer(create_app(composition, model_name=NAME, lock=lock))
@@ -381,6 +385,7 @@ BAD_REQUESTS = {
         "messages",
     ),
     "n above 1": (_with(n=2), 400, None, "n"),
+    "negative temperature": (_with(temperature=-0.5), 400, None, "temperature"),
     "body over the limit": (
         b'{"model": "' + b"k" * (2 << 20) + b'"}',
         413,
