@@ -864,3 +864,51 @@ def test_concurrent_start_and_resume_run_one_process(world, tmp_path):
     finally:
         for session in apps:
             session.close()
+
+
+# Gradio's own messages for a value a component cannot take (shown with show_error=True, as
+# launch.py serves the app), and ours; never a bare Python error or the generic "has raised an
+# exception" of an app that hides its messages.
+_RAW_PYTHON_ERROR = re.compile(r"^(TypeError|AttributeError|KeyError|IndexError|ValueError)\b")
+
+
+@pytest.mark.slow
+def test_every_named_endpoint_answers_wrong_types_with_a_message(tmp_path, monkeypatch):
+    gradio_client = pytest.importorskip("gradio_client")
+    from app.main import build_app
+    from tests.test_app_support import free_port, make_pico_preset
+
+    cwd = tmp_path / "server-cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    presets = make_pico_preset(tmp_path, max_steps=4)
+    demo = build_app(presets_dir=presets, runs_dir=tmp_path / "runs", models_dir=presets / "models")
+    demo.queue().launch(
+        prevent_thread_lock=True, server_port=free_port(), quiet=True, show_error=True
+    )
+    try:
+        client = gradio_client.Client(demo.local_url, verbose=False)
+        client.predict("", api_name="/load_models")  # so the model endpoints reach their checks
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert len(endpoints) > 20
+        answered = 0
+        for name, info in sorted(endpoints.items()):
+            if name in ("/start_training", "/fetch_models"):
+                continue  # a number is a valid run name: would start a run (handler test above)
+            for bad in (12345, {"a": 1}, [1, 2]):
+                try:
+                    client.predict(*([bad] * len(info["parameters"])), api_name=name)
+                except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                    message = str(exc)
+                    assert message.strip(), name
+                    assert "has not enabled verbose error reporting" not in message, name
+                    assert "Traceback" not in message, (name, message)
+                    assert not _RAW_PYTHON_ERROR.match(message), (name, message)
+                answered += 1
+        assert answered >= 3 * 20
+        # the server is alive and still serves the page's state
+        assert client.predict(api_name="/load_page")[0]["value"] == "pico"
+        assert list(cwd.iterdir()) == []  # nothing was written into the server's working folder
+    finally:
+        demo.calm_session.close()
+        demo.close()

@@ -29,6 +29,10 @@ def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE) -> str:
 
     Reuses what is loaded when the models and the bridge are the same.
     """
+    if bridge is not None and not isinstance(bridge, str):
+        raise ConfigError(
+            f"the bridge is {bridge!r}; expected a bridge folder (text), or nothing for a new one"
+        )
     config = current_recipe(session)
     key, bridge = _models_key(config), (bridge or NEW_BRIDGE)
     with session.model_lock:
