@@ -10,66 +10,40 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from composer.config import ConfigError, read_recipe
+
+if TYPE_CHECKING:
+    from composer.describe import PairReport
 
 logger = logging.getLogger(__name__)
 
 
-def _info(args: argparse.Namespace) -> int:
-    from composer.composition import bridge_shape_for
-    from composer.loading import load_config
-    from composer.memory import (
-        bridge_training_bytes,
-        count_parameters,
-        gib,
-        probe_device,
-        weight_bytes,
-    )
-    from composer.pair_check import check_pair_configs
-    from composer.training_config import TrainingConfig
+def _report(args: argparse.Namespace) -> PairReport:
+    """The recipe's pair report (composer.describe); ConfigError (exit 2) for a pair that cannot
+    be composed (vocabulary, widths, positions), before any weights are loaded."""
+    from composer.describe import describe, planned_device
+    from composer.pair_check import tokenizer_check
 
     recipe = read_recipe(args.recipe)
-    configs = {role: load_config(getattr(recipe, role)) for role in ("anchor", "specialist")}
-    max_length = TrainingConfig.from_mapping(recipe.training).max_length
-    # An incompatible pair (vocabulary, widths, positions) is an error: exit status 2.
-    check_pair_configs(
+    title = f"{args.recipe}" + (f" ({recipe.name})" if recipe.name else "")
+    report = describe(
         recipe,
-        configs=configs,
-        max_length=max_length if "max_length" in recipe.training else None,
+        title=title,
+        tokenizers_match=tokenizer_check(recipe),
+        **planned_device(getattr(args, "gpu_gb", None)),
     )
-    shape = bridge_shape_for(configs["anchor"], configs["specialist"], recipe.bridge)
-    counts = {role: count_parameters(config) for role, config in configs.items()}
-    bridge_params = shape.num_parameters()
-    device = probe_device()
-    dtype = "bfloat16" if device.name.startswith("cuda") else "float32"
-    lines = [f"recipe: {args.recipe}" + (f" ({recipe.name})" if recipe.name else "")]
-    for role in ("anchor", "specialist"):
-        spec = getattr(recipe, role)
-        size = weight_bytes(counts[role], quantization=spec.quantization, dtype=dtype)
-        lines.append(
-            f"{role}: {spec.model} [{spec.quantization}] {counts[role].total / 1e6:,.1f}M "
-            f"parameters, weights {gib(size)}"
+    if report.problems:
+        raise ConfigError(
+            f"the anchor {recipe.anchor.model!r} and the specialist {recipe.specialist.model!r} "
+            "cannot be composed: " + "; ".join(report.problems)
         )
-    lines.append(
-        f"bridge: {len(shape.pairs)} blocks, {shape.num_heads} heads x {shape.head_dim}, "
-        f"{bridge_params:,} parameters ({100 * bridge_params / counts['anchor'].total:.2f}% of "
-        f"the anchor), {gib(bridge_training_bytes(bridge_params))} with gradients and AdamW state"
-    )
-    lines.append("layer pairs (anchor layer <- specialist layer, 0-based):")
-    lines += [f"  {a:>3} <- {s}" for a, s in shape.pairs]
-    total = sum(
-        weight_bytes(counts[r], quantization=getattr(recipe, r).quantization, dtype=dtype)
-        for r in ("anchor", "specialist")
-    ) + bridge_training_bytes(bridge_params)
-    fits = "fits" if total < device.available_bytes else "does NOT fit"
-    lines.append(
-        f"weights + trainable state: {gib(total)}; {device.name}: {gib(device.available_bytes)} "
-        f"free of {gib(device.total_bytes)} -> {fits} (activations come on top: "
-        "see `calm-composer plan`)"
-    )
-    print("\n".join(lines))
+    return report
+
+
+def _info(args: argparse.Namespace) -> int:
+    print("\n".join(_report(args).lines()))
     return 0
 
 
@@ -153,20 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from composer.memory import GIB, DeviceMemory, plan
-
-    if args.gpu_gb is None:
-        print("\n".join(plan(args.recipe).format()))
-        return 0
-    if args.gpu_gb <= 0:
-        raise ConfigError(f"--gpu-gb is {args.gpu_gb}; expected the GPU's memory in GiB, e.g. 12")
-    import torch
-
-    size = int(args.gpu_gb * GIB)
-    gpu = DeviceMemory(
-        name=f"a {args.gpu_gb:g} GiB CUDA GPU", total_bytes=size, available_bytes=size
-    )
-    print("\n".join(plan(args.recipe, device=torch.device("cuda"), memory=gpu).format()))
+    print("\n".join(_report(args).memory))
     return 0
 
 

@@ -6,10 +6,11 @@ refused in seconds, not after minutes of loading."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from composer.architectures import model_shape
-from composer.config import CompositionConfig, ConfigError
+from composer.config import CompositionConfig, ConfigError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +47,31 @@ def pair_problems(
     configs: dict[str, Any],
     *,
     max_length: int | None = None,
-    tokenizers_match: Any = None,
+    tokenizers_match: Callable[[bool], bool | None] | None = None,
 ) -> list[str]:
     """Everything that makes the pair unusable, one sentence each (empty: compatible).
 
-    ``tokenizers_match`` is called (with no argument) only when the vocabulary sizes differ:
-    the same tokenizer with padded embeddings is allowed (as ``compose`` allows it).
+    ``tokenizers_match(required)`` compares the two tokenizers (True: the same ids; None: not
+    compared). It is called with ``required=True`` when the vocabulary sizes differ: then only
+    the same tokenizer with padded embeddings is allowed (as ``compose`` allows it); with
+    ``required=False`` when the sizes agree, where it may skip a slow comparison.
     """
     from composer.composition import bridge_shape_for
 
     problems = []
     anchor, specialist = model_shape(configs["anchor"]), model_shape(configs["specialist"])
-    if anchor.vocab_size != specialist.vocab_size and not (
-        tokenizers_match is not None and tokenizers_match()
-    ):
+    differ = anchor.vocab_size != specialist.vocab_size
+    match = tokenizers_match(differ) if tokenizers_match is not None else None
+    if differ and match is not True:
         problems.append(
             f"vocabulary: the anchor has {anchor.vocab_size:,} tokens and the specialist "
             f"{specialist.vocab_size:,}, and their tokenizers differ; both models must read the "
             "same token ids (choose two models of the same family)"
+        )
+    elif match is False:
+        problems.append(
+            "vocabulary: same size, but the tokenizers map tokens to different ids; choose two "
+            "models of the same family"
         )
     try:
         bridge_shape_for(configs["anchor"], configs["specialist"], recipe.bridge)
@@ -79,13 +87,29 @@ def read_configs(recipe: CompositionConfig) -> dict[str, Any]:
     return {role: load_config(getattr(recipe, role)) for role in ("anchor", "specialist")}
 
 
-def tokenizers_match(recipe: CompositionConfig) -> bool:
-    """Whether both models' tokenizers map tokens to the same ids (loads tokenizers only)."""
-    from composer.identity import tokenizer_fingerprint
-    from composer.loading import load_tokenizer
+def tokenizer_check(
+    recipe: CompositionConfig, *, load: Callable[[ModelSpec], Any] | None = None
+) -> Callable[[bool], bool | None]:
+    """``tokenizers_match`` for :func:`pair_problems`: loads both tokenizers (``load``, default
+    composer.loading.load_tokenizer) and compares their fingerprints. When not required it skips
+    GGUF files (building a tokenizer from one takes seconds to tens of seconds) and tokenizers
+    that cannot be read (None: not compared)."""
 
-    a, s = (load_tokenizer(getattr(recipe, role)) for role in ("anchor", "specialist"))
-    return tokenizer_fingerprint(a) == tokenizer_fingerprint(s)
+    def check(required: bool) -> bool | None:
+        from composer.identity import tokenizer_fingerprint
+        from composer.loading import load_tokenizer
+
+        if not required and (recipe.anchor.is_gguf or recipe.specialist.is_gguf):
+            return None
+        try:
+            a, s = ((load or load_tokenizer)(getattr(recipe, r)) for r in ("anchor", "specialist"))
+        except ConfigError:
+            if required:
+                raise
+            return None
+        return tokenizer_fingerprint(a) == tokenizer_fingerprint(s)
+
+    return check
 
 
 def check_pair_configs(
@@ -97,7 +121,7 @@ def check_pair_configs(
     """Raise ConfigError listing every problem of the pair; returns the configs read."""
     configs = configs or read_configs(recipe)
     problems = pair_problems(
-        recipe, configs, max_length=max_length, tokenizers_match=lambda: tokenizers_match(recipe)
+        recipe, configs, max_length=max_length, tokenizers_match=tokenizer_check(recipe)
     )
     if problems:
         raise ConfigError(

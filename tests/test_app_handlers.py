@@ -147,7 +147,7 @@ def test_the_memory_estimate_is_composer_memory_plan(session):
     configs = {
         r: recipe.model_config(session, getattr(config, r)) for r in ("anchor", "specialist")
     }
-    ours, theirs = recipe.training_plan(config, configs), plan(config)
+    ours, theirs = recipe.check_pair(session).plan, plan(config)
     assert ours.components == theirs.components
     assert (ours.bridge_parameters, ours.batch_size, ours.max_length) == (
         theirs.bridge_parameters,
@@ -162,14 +162,22 @@ def test_incompatible_pairs_say_why(session, tmp_path):
     from tests.conftest import pico_qwen2
 
     other = tmp_path / "other"
-    pico_qwen2(vocab_size=120).save_pretrained(other)
-    build_char_tokenizer().save_pretrained(other)
+    tokenizer = build_char_tokenizer("0123456789+=;:*-_ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlk")
+    pico_qwen2(vocab_size=len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
     anchor = session.recipe["anchor"]["model"]
     recipe.set_models(session, anchor=anchor, specialist=str(other), every=2)
     report = recipe.check_pair(session)
     assert not report.compatible
-    assert "the anchor has 100 tokens and the specialist 120" in report.problems[0]
+    assert f"the anchor has 100 tokens and the specialist {len(tokenizer)}" in report.problems[0]
     assert recipe.report_markdown(report).startswith("**Not compatible**")
+
+    # The same tokenizer with padded embeddings reads the same ids: compose() accepts it.
+    padded = tmp_path / "padded"
+    pico_qwen2(vocab_size=120).save_pretrained(padded)
+    build_char_tokenizer().save_pretrained(padded)
+    recipe.set_models(session, anchor=anchor, specialist=str(padded), every=2)
+    assert recipe.check_pair(session).compatible
 
     recipe.set_models(session, anchor=anchor, specialist=str(tmp_path / "missing"), every=2)
     report = recipe.check_pair(session)

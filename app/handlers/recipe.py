@@ -8,13 +8,16 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.session import Session
 from composer.config import CompositionConfig, ConfigError, ModelSpec
 from composer.datafiles import READABLE_SUFFIXES as DATA_SUFFIXES
+
+if TYPE_CHECKING:
+    from composer.describe import PairReport  # imports torch: the app loads it when first used
 
 logger = logging.getLogger(__name__)
 
@@ -180,84 +183,25 @@ def hub_cache_models() -> list[str]:
 # Compose: is the pair compatible, how are layers paired, what does it cost
 
 
-@dataclass
-class PairReport:
-    """What the Compose tab shows before anything is loaded."""
-
-    compatible: bool
-    problems: list[str] = field(default_factory=list)  # why it is not compatible
-    notes: list[str] = field(default_factory=list)  # facts about each model and the vocabulary
-    pairs: list[tuple[int, int]] = field(default_factory=list)  # (anchor layer, specialist layer)
-    anchor_layers: int = 0
-    specialist_layers: int = 0
-    bridge_parameters: int = 0
-    anchor_parameters: int = 0
-    memory: list[str] = field(default_factory=list)  # the training plan, line by line
-    fits: bool | None = None
-
-
 def check_pair(session: Session) -> PairReport:
-    """Read both models' configs (no weights) and decide: compatible? pairs? size? memory?
+    """The pair report (composer.describe) for the recipe being edited: read both models'
+    configs (no weights) and decide: compatible? pairs? size? memory?
 
     Raises ConfigError only for a recipe that cannot even be read; model problems (missing
     files, unknown architectures, different vocabularies) are reported in ``problems``.
     """
-    from composer.architectures import model_shape
+    from composer.describe import describe
+    from composer.pair_check import tokenizer_check
 
     config = current_recipe(session)
-    report = PairReport(compatible=False)
     configs: dict[str, Any] = {}
     for role in ("anchor", "specialist"):
-        spec: ModelSpec = getattr(config, role)
         try:
-            configs[role] = model_config(session, spec)
+            configs[role] = model_config(session, getattr(config, role))
         except ConfigError as exc:
-            report.problems.append(f"{role}: {exc}")
-            continue
-        shape = model_shape(configs[role])
-        report.notes.append(
-            f"{role}: {spec.model} — {shape.model_type}, {shape.num_layers} layers x "
-            f"{shape.width}, {shape.num_heads} heads, vocabulary {shape.vocab_size:,}, "
-            f"quantization {spec.quantization}"
-        )
-    if len(configs) < 2:
-        return report
-    anchor, specialist = (model_shape(configs[r]) for r in ("anchor", "specialist"))
-    report.anchor_layers, report.specialist_layers = anchor.num_layers, specialist.num_layers
-    if anchor.vocab_size != specialist.vocab_size:
-        report.problems.append(
-            f"vocabulary: the anchor has {anchor.vocab_size:,} tokens and the specialist "
-            f"{specialist.vocab_size:,}; both models must read the same token ids (choose two "
-            "models of the same family)"
-        )
-    else:
-        same = _same_tokenizer(session, config)
-        if same is False:
-            report.problems.append(
-                "vocabulary: same size, but the tokenizers map tokens to different ids; choose "
-                "two models of the same family"
-            )
-        else:
-            checked = "identical tokenizers" if same else "tokenizers compared when loading"
-            report.notes.append(f"vocabulary: shared, {anchor.vocab_size:,} tokens ({checked})")
-    from composer.composition import bridge_shape_for
-    from composer.memory import count_parameters
-
-    try:
-        shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
-    except ConfigError as exc:
-        report.problems.append(f"bridge: {exc}")
-        return report
-    report.pairs = [tuple(p) for p in shape.pairs]
-    report.bridge_parameters = shape.num_parameters()
-    report.anchor_parameters = count_parameters(configs["anchor"]).total
-    try:
-        estimate = training_plan(config, configs)
-        report.memory, report.fits = estimate.format(), estimate.fits
-    except ConfigError as exc:
-        report.memory = [f"no memory estimate: {exc}"]
-    report.compatible = not report.problems
-    return report
+            configs[role] = exc  # reported as a problem of that model
+    same = tokenizer_check(config, load=lambda spec: tokenizer_for(session, spec))
+    return describe(config, configs=configs, tokenizers_match=same)
 
 
 def model_config(session: Session, spec: ModelSpec) -> Any:
@@ -271,27 +215,6 @@ def model_config(session: Session, spec: ModelSpec) -> Any:
     if key not in session.model_configs:
         session.model_configs[key] = load_config(spec)
     return session.model_configs[key]
-
-
-def training_plan(config: CompositionConfig, configs: dict[str, Any]) -> Any:
-    """composer.memory.plan for model configs already read (plan() would read both again)."""
-    from composer.memory import plan
-
-    return plan(config, model_configs=configs)
-
-
-def _same_tokenizer(session: Session, config: CompositionConfig) -> bool | None:
-    """True/False when both tokenizers are cheap to read (not GGUF); None when not compared."""
-    if config.anchor.is_gguf or config.specialist.is_gguf:
-        return None  # building a tokenizer from GGUF can take tens of seconds
-    from composer.identity import tokenizer_fingerprint
-
-    try:
-        a = tokenizer_for(session, config.anchor)
-        s = tokenizer_for(session, config.specialist)
-    except ConfigError:
-        return None
-    return tokenizer_fingerprint(a) == tokenizer_fingerprint(s)
 
 
 def tokenizer_for(session: Session, spec: ModelSpec) -> Any:
