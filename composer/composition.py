@@ -352,9 +352,11 @@ def compose(
     config = bridge_config or (recipe.bridge if recipe else BridgeConfig())
     check_shared_vocabulary(anchor_model, specialist_model, tokenizer, specialist_tokenizer)
     shape = bridge_shape_for(anchor_model.config, specialist_model.config, config)
-    if seed is not None:
-        torch.manual_seed(seed)
-    bridge = Bridge(shape, dtype=config.dtype)
+    # A seed makes the initialisation repeatable without reseeding the caller's global generator.
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        bridge = Bridge(shape, dtype=config.dtype)
     bridge.to(anchor_model.get_input_embeddings().weight.device)
     freeze(anchor_model)
     freeze(specialist_model)

@@ -320,3 +320,23 @@ def test_bridge_without_rotary_keeps_every_invariant(model_pair):
     assert torch.equal(
         cached, composition.generate(ids, max_new_tokens=8, eos_token_id=[], use_cache=False)
     )
+
+
+def test_a_seeded_bridge_is_repeatable_and_leaves_the_global_generator_alone():
+    from tests.conftest import pico_llama, pico_qwen2
+
+    pairs = [(pico_llama(), pico_qwen2()) for _ in range(3)]  # building them seeds torch
+
+    def bridge(i: int, seed: int) -> dict[str, torch.Tensor]:
+        anchor, specialist = pairs[i]
+        composed = compose(anchor, specialist, bridge_config=BridgeConfig(every=2), seed=seed)
+        return dict(composed.bridge.state_dict())
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = bridge(0, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream went on untouched
+    second, other = bridge(1, seed=7), bridge(2, seed=8)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
