@@ -215,7 +215,14 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_progress() -> None:
+    """A long command shows the library's progress lines (INFO, at least every 10 s) without -v."""
+    logging.getLogger("composer").setLevel(logging.INFO)
+
+
 def _repro_kv(args: argparse.Namespace) -> int:
+    _show_progress()
+    print(f"calm-composer: repro kv into {args.output}; progress at least every 10 s", flush=True)
     from composer.repro.kv import run, settings_from
 
     settings = settings_from(

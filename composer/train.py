@@ -38,6 +38,7 @@ from composer import identity, progress, run_lock
 from composer.architectures import decoder_layers
 from composer.config import CompositionConfig, ConfigError, read_recipe, resolve_paths
 from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
+from composer.pacing import Pacer, eta_seconds, format_duration
 from composer.training_config import DataConfig, TrainingConfig
 
 if TYPE_CHECKING:
@@ -817,6 +818,8 @@ class _Run:
             state.start_eval_loss = self._evaluate(split.eval, pad_id)
             logger.info("eval loss before training (the anchor alone): %.4f", state.start_eval_loss)
         window_start, window_tokens = time.perf_counter(), 0
+        pacer = Pacer(total=max_steps - state.step)
+        pacer.due(0)  # the clock starts now; the first line is due 10 s from here
         model.train()
         while state.step < max_steps:
             if stop.requested or (self.main and self.stop_path.exists()):
@@ -866,7 +869,14 @@ class _Run:
             last = step == max_steps
             evaluate = last or (training.eval_every and step % training.eval_every == 0)
             eval_loss = self._evaluate(split.eval, pad_id) if evaluate and split.eval else None
-            if last or step % training.logging_every == 0 or eval_loss is not None:
+            logged = last or step % training.logging_every == 0 or eval_loss is not None
+            if not logged and self.main and pacer.due(session_steps):
+                # between logged steps, a line at least every 10 s (progress.jsonl unchanged)
+                left = eta_seconds(session_steps, pacer.total, time.perf_counter() - session_start)
+                logger.info(
+                    "step %d/%d loss %.4f ETA %s", step, max_steps, step_loss, format_duration(left)
+                )
+            if logged:
                 now = time.perf_counter()
                 elapsed = state.elapsed_s + now - session_start
                 record = {
@@ -886,13 +896,14 @@ class _Run:
                 if self.main:
                     progress.append_progress(self.output, record)
                 logger.info(
-                    "step %d/%d loss %.4f%s lr %.2e %.0f tok/s",
+                    "step %d/%d loss %.4f%s lr %.2e %.0f tok/s ETA %s",
                     step,
                     max_steps,
                     record["loss"],
                     f" eval {eval_loss:.4f}" if eval_loss is not None else "",
                     record["lr"],
                     record["tokens_per_second"],
+                    format_duration(record["eta_s"]),
                 )
                 state.loss_sum, state.loss_steps = 0.0, 0
                 window_start, window_tokens = time.perf_counter(), 0

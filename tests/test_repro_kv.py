@@ -6,6 +6,8 @@ import json
 import random
 from dataclasses import replace
 
+import pytest
+
 from composer.repro import kv_data as kv
 from composer.repro.kv import KVSettings, ModelSize, bridge_rows, run
 
@@ -132,3 +134,48 @@ def test_a_run_that_fails_keeps_the_columns_it_measured(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["accuracy"]) == {"specialist", "anchor", "CALM (KV-SUBS data)"}
     assert "CALM (KV-SUBS data)" in (tmp_path / "results.md").read_text()
+
+
+PROGRESS_RUN = """
+import sys
+import composer.repro.kv as kv
+from tests.test_repro_kv import toy_settings
+kv.settings_from = lambda **_: toy_settings(model_steps=200_000, variants=("subs",))
+from composer.cli import main
+sys.exit(main(["repro", "kv", "--output", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_repro_kv_prints_progress_at_once_and_then_at_least_every_ten_seconds(tmp_path):
+    """The command (toy models, a long first training) speaks within 10 s of starting and then
+    keeps saying how far it is: step, loss and ETA."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROGRESS_RUN, str(tmp_path / "out")],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[tuple[float, str]] = []
+    try:
+        for line in process.stdout:
+            seen.append((time.monotonic() - start, line.strip()))
+            if sum("ETA" in text for _, text in seen) >= 3 or seen[-1][0] > 120:
+                break
+    finally:
+        process.kill()
+        process.wait()
+    assert seen and seen[0][0] <= 10, seen[:3]
+    steps = [(t, text) for t, text in seen if "step" in text and "ETA" in text and "loss" in text]
+    assert len(steps) >= 3, seen
+    assert "training the anchor" in " ".join(text for _, text in seen)
+    gaps = [b - a for (a, _), (b, _) in zip(steps, steps[1:], strict=False)]
+    assert all(gap <= 15 for gap in gaps), gaps  # 10 s, with slack for a busy machine

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from composer.pacing import Pacer
 from composer.presets import default_folder
 from composer.repro import kv_data as kv
 
@@ -297,6 +298,7 @@ def _score(
 ) -> dict[str, float]:
     scores = {}
     for name, rows in sets.items():
+        logger.info("scoring %s (%d expressions)", name, len(rows))
         if worked:
             length = 2 * max(len(r["completion"]) for r in sets["KV-SUBS"]) + 2
             scores[name] = exact_match(
@@ -460,9 +462,13 @@ def _train_lora(settings: KVSettings, anchor_dir: Path, rows: list[dict], target
     )
     rng = random.Random(settings.seed)
     model.train()
-    for _ in range(settings.bridge_steps):
+    pacer = Pacer(total=settings.bridge_steps)
+    for step in range(1, settings.bridge_steps + 1):
         batch = batch_of(rng.sample(rows, settings.bridge_batch_size), tokenizer)
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
+        if pacer.due(step):
+            logger.info("LoRA step %s, loss %.4f", pacer.status(step), loss.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -509,7 +515,12 @@ def run(settings: KVSettings, output: str | Path) -> Results:
     results.accuracy["anchor"] = _score(_hf_generator(base.anchor), tokenizer, sets)
     _save_results(results, output)
 
-    for variant in settings.variants:
+    columns = Pacer(total=len(settings.variants), every_s=0.0)
+    for done, variant in enumerate(settings.variants):
+        total = len(settings.variants)
+        logger.info(
+            "column %d of %d: %s (done so far %s)", done + 1, total, variant, columns.status(done)
+        )
         clock = time.perf_counter()
         data_variant = variant if variant in ("math", "worked") else "subs"
         rows = bridge_rows(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from composer.data import collate, encode
+from composer.pacing import Pacer
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def train_lm(
     scheduler = get_scheduler(
         "cosine", optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps
     )
-    losses, running, start = [], 0.0, time.perf_counter()
+    losses, running = [], 0.0
+    pacer, since = Pacer(total=steps), 0  # a progress line at least every 10 s
     for step in range(1, steps + 1):
         batch = batch_of(sample(rng, batch_size), tokenizer)
         loss = model(**batch).loss
@@ -77,13 +78,14 @@ def train_lm(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         running += loss.item()
+        since += 1
         if step % log_every == 0:
             losses.append(running / log_every)
-            logger.info(
-                "step %d/%d loss %.4f (%.0fs)", step, steps, losses[-1], time.perf_counter() - start
-            )
             if on_log is not None:
                 on_log(step, losses[-1])
-            running = 0.0
+        if pacer.due(step) or step % log_every == 0:
+            logger.info("step %s, loss %.4f", pacer.status(step), running / since)
+        if step % log_every == 0:
+            running, since = 0.0, 0
     model.eval()
     return losses
