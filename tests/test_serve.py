@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, through the real `openai` client, on 127.0.0.1: the default
 preset with a bridge that changes its output (its trained bridge when shipped, else seeded
-random weights saved and loaded back), the anchor alone by name, many clients at once, a client killed mid-stream, every bad
-request and the API key."""
+random weights saved and loaded back), the anchor alone by name, many clients at once, a client
+killed mid-stream, every bad request, a failing generation, and the API key."""
 
 from __future__ import annotations
 
@@ -424,6 +424,38 @@ def test_bad_requests_through_the_openai_client_and_the_server_goes_on(served):
     assert httpx.get(server.url + "/nowhere").status_code == 404
     reply = client.completions.create(model=NAME, prompt="ab+c=", max_tokens=2, temperature=0)
     assert reply.usage.completion_tokens >= 1
+
+
+class BrokenOnce:
+    """The composition, whose first generation fails as a bug would."""
+
+    def __init__(self, composition) -> None:
+        self.inner, self.failed = composition, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return self.inner.generate(*args, **kwargs)
+
+
+def test_a_failing_generation_is_a_500_body_and_the_server_goes_on(served):
+    broken = BrokenOnce(served[0])
+    server = BackgroundServer(create_app(get_composition=lambda: broken, model_name=NAME))
+    try:
+        response = httpx.post(server.url + "/chat/completions", json=GOOD, timeout=60)
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "boom" in error["message"]
+        reply = client_for(server).completions.create(
+            model=NAME, prompt="ab+c=", max_tokens=2, temperature=0
+        )
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
