@@ -41,12 +41,12 @@ def stop_serving(session: Session) -> tuple[str, str]:
 
 def serving_status(session: Session) -> tuple[str, str]:
     """(markdown with the URL and model names, the openai client snippet); empty when off."""
+    server = session.server
+    if server is None:  # before importing composer.serve: the page loads without torch
+        return "", ""
     from composer.openai_api import ANCHOR_SUFFIX
     from composer.serve import client_snippet
 
-    server = session.server
-    if server is None:
-        return "", ""
     name = server.app.state.settings.model_name
     text = (
         f"Serving at **{server.url}** (this machine only): model `{name}` is the composition, "
