@@ -206,6 +206,12 @@ def conversation_input_ids(
     text = "\n".join(
         [*([system_prompt] if system_prompt else []), *(m["content"] for m in messages)]
     )
+    return text_input_ids(tokenizer, text)
+
+
+def text_input_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """(1, T) ids of a plain-text prompt as training reads one (composer.data): BOS first when
+    the tokenizer has one, never twice, and no other special token."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from composer.config import ConfigError, GenerationConfig
+from composer.generate import conversation_input_ids, text_input_ids
 from composer.openai_api import (
     ANCHOR_SUFFIX,
     MAX_BODY_BYTES,
@@ -281,8 +282,6 @@ def create_app(
         bridge = bridge_for_model(body.model, model_name)
         messages = chat_messages(body.messages)
         composition = _loaded(current)
-        from composer.generate import conversation_input_ids
-
         try:
             input_ids = conversation_input_ids(composition.tokenizer, messages)
         except Exception as exc:  # a template that refuses this conversation (jinja raises)
@@ -303,8 +302,8 @@ def create_app(
             if len(prompt) != 1:
                 raise APIError(400, "prompt: send one prompt per request", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = composition.tokenizer(prompt).input_ids
+        if isinstance(prompt, str):  # as training reads text: BOS first when there is one
+            ids = text_input_ids(composition.tokenizer, prompt)[0].tolist()
         else:
             vocab = len(composition.tokenizer)
             if any(not 0 <= t < vocab for t in prompt):

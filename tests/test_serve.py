@@ -18,7 +18,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from composer.config import ConfigError  # noqa: E402
-from composer.generate import conversation_input_ids  # noqa: E402
+from composer.generate import conversation_input_ids, text_input_ids  # noqa: E402
 from composer.loading import load_composition  # noqa: E402
 from composer.openai_api import cut_at_stop, held_back  # noqa: E402
 from composer.serve import BackgroundServer, create_app  # noqa: E402
@@ -129,7 +129,7 @@ def test_chat_and_completions_equal_composition_generate(served):
         assert reply.usage.completion_tokens == count
         assert reply.choices[0].finish_reason == reason
 
-        raw_ids = composition.tokenizer(prompt, return_tensors="pt").input_ids
+        raw_ids = text_input_ids(composition.tokenizer, prompt)
         raw_expected, raw_count = reference(composition, raw_ids)
         text = client.completions.create(model=NAME, prompt=prompt, max_tokens=NEW, temperature=0)
         pieces = client.completions.create(
@@ -180,7 +180,7 @@ def test_seeded_sampling_repeats_and_equals_composition_generate(served):
     composition, server, _ = served
     client = client_for(server)
     prompt = held_out_prompts(1)[0]
-    ids = composition.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = text_input_ids(composition.tokenizer, prompt)
     texts = [
         client.completions.create(
             model=NAME, prompt=prompt, max_tokens=NEW, temperature=1.5, seed=seed
