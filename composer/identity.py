@@ -53,9 +53,10 @@ def weights_fingerprint(model: nn.Module) -> dict[str, list[float]]:
         if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
             continue  # quantised (packed integers): not comparable across loads
         flat = tensor.detach().reshape(-1)
-        # float64: float32 rounds large indices up past the end (28,311,551 -> 28,311,552)
-        places = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR, dtype=torch.float64)
-        index = places.long().to(flat.device)
+        index = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR).long()
+        # float32 rounds a large last index past the end (28,311,551 -> 28,311,552): clamp it,
+        # which keeps every place saved fingerprints already use.
+        index = index.clamp(max=flat.numel() - 1).to(flat.device)
         out[name] = [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
     return out
 
