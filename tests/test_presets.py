@@ -192,3 +192,29 @@ def test_reading_presets_does_not_import_torch():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_the_8gb_preset_plans_under_7_5_gib_with_both_models_in_4_bit():
+    """The 8 GB card's preset: planned peak <= 7.5 GiB (room for the CUDA context), both
+    models nf4, checkpointing and paged 8-bit AdamW; its `expect` says it is unmeasured."""
+    import torch
+    from transformers import Qwen2Config
+
+    from composer.memory import GIB, DeviceMemory, plan
+
+    preset = read_preset(SHIPPED / "qwen2.5-7b-math-gpu-8gb.yaml")
+    config = preset.config
+    assert config.hardware["min_gpu_memory_gb"] == 8
+    assert config.anchor.quantization == config.specialist.quantization == "nf4"
+    assert config.training["gradient_checkpointing"] is True
+    assert config.training["optimizer"] == "paged_adamw_8bit"
+    configs = {
+        role: Qwen2Config(**HUB_CONFIGS[getattr(config, role).model])
+        for role in ("anchor", "specialist")
+    }
+    card = DeviceMemory(name="8 GiB", total_bytes=8 * GIB, available_bytes=8 * GIB)
+    estimate = plan(config, device=torch.device("cuda"), model_configs=configs, memory=card)
+    assert estimate.total_bytes <= 7.5 * GIB, "\n".join(estimate.format())
+    assert estimate.fits
+    assert f"{estimate.total_bytes / GIB:.2f} GiB" in preset.config.expect  # stated as planned
+    assert "not measured on a gpu" in " ".join(preset.config.expect.lower().split())
