@@ -31,7 +31,7 @@ _WHERE = {
     "read_recipe": "composer.config",
     "Composition": "composer.composition",
     "compose": "composer.composition",
-    "load_bridge": "composer.export",
+    "load_bridge": "composer.loading",
     "load_composition": "composer.loading",
 }
 

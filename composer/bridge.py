@@ -1,4 +1,5 @@
-"""The bridge: every trainable parameter of a composition, one cross-attention block per layer pair.
+"""The bridge: every trainable parameter of a composition, one cross-attention block per layer pair
+(and :func:`bridge_shape_for`, which decides its shape from the two models' configs).
 
 Block k reads specialist layer j_k and writes into the anchor's residual stream after anchor
 layer i_k:
@@ -17,13 +18,16 @@ small models the bridge could not find "the same token" (see docs/REPRODUCTION.m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.architectures import model_shape
+from composer.config import BridgeConfig, ConfigError
 from composer.hardware import DTYPES
-from composer.pairing import LayerPair
+from composer.pairing import LayerPair, resolve_pairs
 
 
 @dataclass(frozen=True)
@@ -167,3 +171,33 @@ class Bridge(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def bridge_shape_for(
+    anchor_config: Any, specialist_config: Any, config: BridgeConfig
+) -> BridgeShape:
+    """Decide the bridge's shape from both models' configs and the bridge settings (pure)."""
+    a, s = model_shape(anchor_config), model_shape(specialist_config)
+    pairs = resolve_pairs(config, anchor_layers=a.num_layers, specialist_layers=s.num_layers)
+    num_heads = config.num_heads or a.num_heads
+    if config.head_dim is not None:
+        head_dim = config.head_dim
+    elif a.width % num_heads == 0:
+        head_dim = a.width // num_heads  # paper: head dim = d_anchor / heads
+    else:
+        raise ConfigError(
+            f"bridge.num_heads={num_heads} does not divide the anchor width {a.width}; "
+            "set bridge.head_dim explicitly or choose num_heads dividing the width"
+        )
+    return BridgeShape(
+        pairs=pairs,
+        d_anchor=a.width,
+        d_specialist=s.width,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        project_specialist=config.project_specialist,
+        norm=config.norm,
+        causal=config.causal,
+        rotary=config.rotary,
+        prompt_only=config.prompt_only,
+    )

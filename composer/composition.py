@@ -26,11 +26,12 @@ from transformers import DynamicCache
 
 from composer.alignment import position_ids_from_mask, visibility_mask
 from composer.architectures import decoder_layers, model_shape
-from composer.bridge import Bridge, BridgeShape
+from composer.bridge import Bridge, bridge_shape_for
 from composer.config import BridgeConfig, CompositionConfig, ConfigError
+from composer.export import save_bridge
+from composer.generate import generate
 from composer.hooks import forward_hooks, hidden_of, with_hidden
 from composer.identity import tokenizer_fingerprint
-from composer.pairing import resolve_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -60,36 +61,6 @@ def _cache_kwarg(module: nn.Module) -> str:
     """transformers 5 names the cache argument ``cache``; older releases ``past_key_values``."""
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def bridge_shape_for(
-    anchor_config: Any, specialist_config: Any, config: BridgeConfig
-) -> BridgeShape:
-    """Decide the bridge's shape from both models' configs and the bridge settings (pure)."""
-    a, s = model_shape(anchor_config), model_shape(specialist_config)
-    pairs = resolve_pairs(config, anchor_layers=a.num_layers, specialist_layers=s.num_layers)
-    num_heads = config.num_heads or a.num_heads
-    if config.head_dim is not None:
-        head_dim = config.head_dim
-    elif a.width % num_heads == 0:
-        head_dim = a.width // num_heads  # paper: head dim = d_anchor / heads
-    else:
-        raise ConfigError(
-            f"bridge.num_heads={num_heads} does not divide the anchor width {a.width}; "
-            "set bridge.head_dim explicitly or choose num_heads dividing the width"
-        )
-    return BridgeShape(
-        pairs=pairs,
-        d_anchor=a.width,
-        d_specialist=s.width,
-        num_heads=num_heads,
-        head_dim=head_dim,
-        project_specialist=config.project_specialist,
-        norm=config.norm,
-        causal=config.causal,
-        rotary=config.rotary,
-        prompt_only=config.prompt_only,
-    )
 
 
 class Composition(nn.Module):
@@ -296,14 +267,10 @@ class Composition(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Co-decode; returns only the new tokens, (B, new). See composer.generate.generate."""
-        from composer.generate import generate
-
         return generate(self, input_ids, **kwargs)
 
     def save_bridge(self, path: str, **kwargs: Any) -> None:
         """Write the bridge folder (see :func:`composer.export.save_bridge`)."""
-        from composer.export import save_bridge
-
         save_bridge(self, path, **kwargs)
 
 

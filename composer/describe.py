@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from composer.architectures import model_shape
-from composer.composition import bridge_shape_for
+from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, ConfigError
 from composer.loading import load_config
 from composer.memory import (

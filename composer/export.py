@@ -1,7 +1,8 @@
 """The bridge folder: bridge.safetensors + bridge_config.json + composition.yaml + README.md.
 
 Only bridge tensors are saved (a few MB, no frozen weights, no pickle). The config records
-both models' identity so a bridge is never silently loaded onto a pair it was not made for.
+both models' identity so a bridge is never silently loaded onto a pair it was not made for
+(:func:`composer.loading.load_bridge` checks it, and the tensors, when it loads one).
 Writes go to a temporary folder beside the target and are moved into place at the end, so a
 crash never leaves a half-written bridge.
 """
@@ -19,12 +20,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from composer.architectures import model_shape
 from composer.atomic import write_folder_atomically
-from composer.bridge import Bridge, BridgeShape
 from composer.config import ConfigError
-from composer.identity import identity_mismatches, model_identity
-from composer.pairing import check_pairs
+from composer.identity import model_identity
 
 if TYPE_CHECKING:
     from composer.composition import Composition
@@ -230,63 +228,3 @@ def read_bridge_config(path: str | os.PathLike) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}. Upgrade calm-composer or re-export the bridge."
         )
     return config
-
-
-def load_bridge(
-    path: str | os.PathLike,
-    anchor_model: torch.nn.Module,
-    specialist_model: torch.nn.Module,
-    *,
-    tokenizer: Any = None,
-    recipe: Any = None,
-    sources: dict[str, dict[str, Any]] | None = None,
-) -> Composition:
-    """Compose two loaded models with a saved bridge; refuses a bridge made for another pair."""
-    from composer.composition import Composition, check_shared_vocabulary, freeze
-
-    path = Path(path)
-    config = read_bridge_config(path)
-    sources = sources or {}
-    problems = []
-    for role, model in (("anchor", anchor_model), ("specialist", specialist_model)):
-        current = model_identity(model, source=sources.get(role), tokenizer=tokenizer)
-        problems += identity_mismatches(role, config[role], current)
-    if problems:
-        raise ConfigError(
-            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
-        )
-    try:
-        shape = BridgeShape.from_dict(config["bridge"])
-        dtype = config.get("dtype", "float32")
-        # Never build a bridge larger than its weights file could hold (a damaged or hostile
-        # config would otherwise allocate whatever it names).
-        bytes_needed = shape.num_parameters() * 2  # at least 2 bytes per value (bf16/fp16)
-        if bytes_needed > os.path.getsize(path / WEIGHTS):
-            raise ConfigError(
-                f"{path / CONFIG} describes a bridge of {shape.num_parameters():,} parameters but "
-                f"{path / WEIGHTS} is only {os.path.getsize(path / WEIGHTS):,} bytes; the bridge "
-                "folder is damaged: save or train it again"
-            )
-        bridge = Bridge(shape, dtype=dtype)
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"{path / CONFIG} describes no usable bridge ({type(exc).__name__}: {exc}); the "
-            "bridge folder is damaged: save or train it again"
-        ) from None
-    check_pairs(
-        shape.pairs,
-        anchor_layers=model_shape(anchor_model.config).num_layers,
-        specialist_layers=model_shape(specialist_model.config).num_layers,
-    )
-    check_shared_vocabulary(anchor_model, specialist_model)
-    tensors = read_safetensors(path / WEIGHTS)
-    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
-    bridge.load_state_dict(tensors)
-    bridge.to(anchor_model.get_input_embeddings().weight.device)
-    freeze(anchor_model)
-    freeze(specialist_model)
-    return Composition(
-        anchor_model, specialist_model, bridge, tokenizer=tokenizer, recipe=recipe, sources=sources
-    )

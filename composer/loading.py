@@ -14,18 +14,26 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from composer.architectures import model_shape
+from composer.bridge import Bridge, BridgeShape
 from composer.cache import cache_root
+from composer.composition import Composition, check_shared_vocabulary, compose, freeze
 from composer.config import CompositionConfig, ConfigError, ModelSpec, read_recipe
+from composer.export import (
+    CONFIG,
+    WEIGHTS,
+    check_bridge_tensors,
+    read_bridge_config,
+    read_safetensors,
+)
 from composer.hardware import configure_cuda_allocator, default_device, resolve_dtype
-
-if TYPE_CHECKING:
-    from composer.composition import Composition
+from composer.identity import identity_mismatches, model_identity
+from composer.pairing import check_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -339,9 +347,6 @@ def load_composition(
     seed: int | None = None,
 ) -> Composition:
     """Load both models of a recipe and compose them (a new bridge, or the saved ``bridge``)."""
-    from composer.composition import compose
-    from composer.export import load_bridge
-
     config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
     anchor = load_model(config.anchor, device=device)
     specialist = load_model(config.specialist, device=device)
@@ -364,6 +369,64 @@ def load_composition(
         recipe=config,
         sources=sources,
         seed=seed,
+    )
+
+
+def load_bridge(
+    path: str | os.PathLike,
+    anchor_model: torch.nn.Module,
+    specialist_model: torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    recipe: Any = None,
+    sources: dict[str, dict[str, Any]] | None = None,
+) -> Composition:
+    """Compose two loaded models with a saved bridge; refuses a bridge made for another pair."""
+    path = Path(path)
+    config = read_bridge_config(path)
+    sources = sources or {}
+    problems = []
+    for role, model in (("anchor", anchor_model), ("specialist", specialist_model)):
+        current = model_identity(model, source=sources.get(role), tokenizer=tokenizer)
+        problems += identity_mismatches(role, config[role], current)
+    if problems:
+        raise ConfigError(
+            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
+        )
+    try:
+        shape = BridgeShape.from_dict(config["bridge"])
+        dtype = config.get("dtype", "float32")
+        # Never build a bridge larger than its weights file could hold (a damaged or hostile
+        # config would otherwise allocate whatever it names).
+        bytes_needed = shape.num_parameters() * 2  # at least 2 bytes per value (bf16/fp16)
+        if bytes_needed > os.path.getsize(path / WEIGHTS):
+            raise ConfigError(
+                f"{path / CONFIG} describes a bridge of {shape.num_parameters():,} parameters but "
+                f"{path / WEIGHTS} is only {os.path.getsize(path / WEIGHTS):,} bytes; the bridge "
+                "folder is damaged: save or train it again"
+            )
+        bridge = Bridge(shape, dtype=dtype)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path / CONFIG} describes no usable bridge ({type(exc).__name__}: {exc}); the "
+            "bridge folder is damaged: save or train it again"
+        ) from None
+    check_pairs(
+        shape.pairs,
+        anchor_layers=model_shape(anchor_model.config).num_layers,
+        specialist_layers=model_shape(specialist_model.config).num_layers,
+    )
+    check_shared_vocabulary(anchor_model, specialist_model)
+    tensors = read_safetensors(path / WEIGHTS)
+    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
+    bridge.load_state_dict(tensors)
+    bridge.to(anchor_model.get_input_embeddings().weight.device)
+    freeze(anchor_model)
+    freeze(specialist_model)
+    return Composition(
+        anchor_model, specialist_model, bridge, tokenizer=tokenizer, recipe=recipe, sources=sources
     )
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from composer.architectures import model_shape
-from composer.composition import bridge_shape_for
+from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, read_recipe
 from composer.hardware import default_device, resolve_dtype
 from composer.loading import load_config

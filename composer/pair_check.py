@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from composer.architectures import model_shape
+from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, ConfigError, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def pair_problems(
     the same tokenizer with padded embeddings is allowed (as ``compose`` allows it); with
     ``required=False`` when the sizes agree, where it may skip a slow comparison.
     """
-    from composer.composition import bridge_shape_for
-
     problems = []
     anchor, specialist = model_shape(configs["anchor"]), model_shape(configs["specialist"])
     differ = anchor.vocab_size != specialist.vocab_size

@@ -184,10 +184,10 @@ def _ensure(path: Path) -> Path:
 def load_bridge(session: Session, *, folder: str | None = None, archive: str | None = None) -> str:
     """Put a saved bridge (a folder, or an uploaded archive) on the loaded models.
 
-    Refused with the reason (ConfigError from composer.export.load_bridge) when the bridge was
+    Refused with the reason (ConfigError from composer.loading.load_bridge) when the bridge was
     made for other models; the models stay loaded either way.
     """
-    from composer.export import load_bridge as compose_with_bridge
+    from composer.loading import load_bridge as compose_with_bridge
 
     if archive is not None and not isinstance(archive, str):
         raise ConfigError(f"the archive is {archive!r}; expected the path of an uploaded file")
