@@ -6,6 +6,7 @@ Facts are data, not branches: supporting a new family is one row in ``ARCHITECTU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -114,3 +115,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"{' or '.join(facts_for(model_type).layers)}; its class is {type(model).__name__}. "
         "Update the row for it in composer/architectures.py:ARCHITECTURES."
     )
+
+
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def positions_of(config: Any) -> int | None:
+    """How many positions a model was built for (its context), from its config; None if unsaid."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _POSITION_ATTRS:
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

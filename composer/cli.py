@@ -109,7 +109,7 @@ def _check_prompt_length(recipe: Any, prompt: str) -> None:
     """Refuse a prompt far beyond the anchor's context before loading or tokenizing anything."""
     from composer.limits import check_prompt_chars
     from composer.loading import load_config
-    from composer.pair_check import positions_of
+    from composer.architectures import positions_of
 
     check_prompt_chars(prompt, positions=positions_of(load_config(recipe.anchor)))
 

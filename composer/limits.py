@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from composer.architectures import positions_of
 from composer.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -17,8 +18,6 @@ CHARS_PER_POSITION = 32
 
 def context_of(model: Any) -> int | None:
     """The anchor's positions (its context), from its config; None when the config does not say."""
-    from composer.pair_check import positions_of
-
     return positions_of(model.config)
 
 

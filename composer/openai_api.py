@@ -248,7 +248,7 @@ def _prompt_field(request: GenerationRequest) -> str:
 
 def context_length(composition: Any) -> int | None:
     """The shorter context of the two models (positions either may be asked to read), if known."""
-    from composer.pair_check import positions_of
+    from composer.architectures import positions_of
 
     configs = [getattr(getattr(composition, role, None), "config", None) for role in ROLES_OF_PAIR]
     lengths = [n for n in (positions_of(c) for c in configs if c is not None) if n is not None]

@@ -9,24 +9,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from composer.architectures import model_shape
+from composer.architectures import model_shape, positions_of
 from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, ConfigError, ModelSpec
 
 logger = logging.getLogger(__name__)
-
-_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
-
-
-def positions_of(config: Any) -> int | None:
-    """How many positions a model was built for (its context), from its config; None if unsaid."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in _POSITION_ATTRS:
-        value = getattr(text, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
 
 def position_problems(configs: dict[str, Any], *, max_length: int | None) -> list[str]:
     """training.max_length against each model's positions (pure)."""

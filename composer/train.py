@@ -402,7 +402,8 @@ def _refuse_a_live_run(output: Path) -> None:
 def _fit_max_length(
     composition: Composition, training: TrainingConfig, *, explicit: bool
 ) -> TrainingConfig:
-    from composer.pair_check import position_problems, positions_of
+    from composer.architectures import positions_of
+    from composer.pair_check import position_problems
 
     configs = {"anchor": composition.anchor.config, "specialist": composition.specialist.config}
     if explicit:
