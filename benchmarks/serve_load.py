@@ -124,6 +124,27 @@ def load(url: str, prompts: list[str], clients: int, requests: int, max_tokens: 
     }
 
 
+def exact_answers(url: str, rows: list[dict], model: str, max_tokens: int) -> tuple[int, int]:
+    """How many held-out rows ``model`` answers exactly (greedy), over completions and chat."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    text = chat = 0
+    for row in rows:
+        ask = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+        reply = client.completions.create(prompt=row["prompt"], **ask).choices[0].text
+        said = (
+            client.chat.completions.create(
+                messages=[{"role": "user", "content": row["prompt"]}], **ask
+            )
+            .choices[0]
+            .message.content
+        )
+        text += reply.strip() == row["completion"]
+        chat += (said or "").strip() == row["completion"]
+    return text, chat
+
+
 def markdown(rows: list[dict], *, bridge: str, max_tokens: int, machine: str) -> str:
     lines = [
         f"## OpenAI-compatible server under load ({date.today().isoformat()})",
@@ -159,11 +180,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads in the server (default: torch's choice)"
     )
+    parser.add_argument(
+        "--check", type=int, default=20, help="held-out prompts scored on each model (exact)"
+    )
     parser.add_argument("--write", action="store_true", help="append to docs/BENCHMARKS.md")
     args = parser.parse_args()
 
     held_out = PRESET.parent / "data" / "kv-arithmetic-heldout.jsonl"
-    prompts = [json.loads(line)["prompt"] for line in held_out.open(encoding="utf-8")]
+    rows = [json.loads(line) for line in held_out.open(encoding="utf-8")]
+    prompts = [row["prompt"] for row in rows]
     with tempfile.TemporaryDirectory() as tmp:
         if args.bridge:
             bridge, about = Path(args.bridge), f"the bridge in {args.bridge}"
@@ -180,6 +205,10 @@ def main() -> None:
                 load(url, prompts, clients, args.requests, args.max_tokens)
                 for clients in args.clients
             ]
+            checked = {
+                model: exact_answers(url, rows[: args.check], model, args.max_tokens)
+                for model in (NAME, NAME + ":anchor")
+            }
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -189,6 +218,11 @@ def main() -> None:
         *os.getloadavg()
     )
     text = markdown(results, bridge=about, max_tokens=args.max_tokens, machine=machine)
+    for model, (text_ok, chat_ok) in checked.items():
+        text += (
+            f"\n`{model}`: {text_ok}/{args.check} of the first held-out prompts answered exactly "
+            f"over /v1/completions, {chat_ok}/{args.check} over /v1/chat/completions.\n"
+        )
     print(text)
     if args.write:
         with open(ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
