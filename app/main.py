@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from app.handlers import bridges, recipe, runs
-from app.handlers.chat import NEW_BRIDGE, describe_loaded
+from app.handlers.chat import describe_loaded
 from app.session import Session
 from app.tabs import chat, compose, data, export, train
 from app.ui import guard
@@ -150,4 +150,4 @@ def _active_run(session: Session) -> str | None:
 
 
 def _loaded_bridge(session: Session) -> str:
-    return session.loaded.bridge if session.loaded is not None else NEW_BRIDGE
+    return bridges.preferred_bridge(session)

@@ -158,3 +158,62 @@ def test_the_whole_app_in_a_browser(served, page, shots):
     page.get_by_test_id("download-bridge").click()
     expect(page.get_by_test_id("bridge-archive")).to_contain_text(".zip")
     page.screenshot(path=str(shots / "export.png"), full_page=True)
+
+
+# --- first open on the real default preset: the shipped bridge composes without training ----
+
+HELD_OUT = {"oy+lne=": "892+320=1230"}  # keys no bridge training row contains (heldout.jsonl)
+
+
+@pytest.fixture(scope="module")
+def fresh_default_app(tmp_path_factory):
+    """The app as `make run` opens it: the repository's presets, no runs, nothing trained."""
+    from app.main import build_app
+    from tests.test_app_support import free_port
+
+    root = tmp_path_factory.mktemp("fresh")
+    demo = build_app(runs_dir=root / "runs", models_dir=root / "models", poll_seconds=0.5)
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    try:
+        yield demo
+    finally:
+        demo.calm_session.close()
+        demo.close()
+
+
+@pytest.mark.slow
+def test_a_fresh_app_composes_held_out_keys_with_the_shipped_bridge(fresh_default_app, shots):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    expect = playwright_api.expect
+    executable = _chromium()
+    prompt, answer = next(iter(HELD_OUT.items()))
+    with playwright_api.sync_playwright() as playwright:
+        playwright.selectors.set_test_id_attribute("id")
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(fresh_default_app.local_url)
+        page.get_by_role("tab", name="Chat").click()
+        # The shipped bridge is already chosen; no run exists.
+        expect(page.get_by_test_id("chat-bridge")).to_contain_text("shipped kv-arithmetic")
+        assert not fresh_default_app.calm_session.runs_dir.exists() or not any(
+            fresh_default_app.calm_session.runs_dir.iterdir()
+        )
+        # One click puts a held-out example in the message box.
+        examples = page.get_by_test_id("chat-examples")
+        first = examples.locator("button").first
+        clicked = first.inner_text().strip()
+        first.click()
+        wait_until(lambda: field(page, "chat-input").input_value() == clicked, what="example")
+        # The three-way compare on a held-out ab+cde= expression.
+        field(page, "chat-input").fill(prompt)
+        page.get_by_text("Compare: the same prompt, three ways").click()
+        page.get_by_test_id("compare").click()
+        composed = field(page, "compare-composition")
+        wait_until(lambda: answer in composed.input_value(), timeout=180, what="the composition")
+        anchor = field(page, "compare-anchor").input_value()
+        specialist = field(page, "compare-specialist").input_value()
+        assert answer not in anchor and answer not in specialist, (anchor, specialist)
+        assert composed.input_value().strip().startswith(answer)
+        page.screenshot(path=str(shots / "chat-shipped-bridge.png"), full_page=True)
+        browser.close()

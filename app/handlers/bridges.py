@@ -23,9 +23,28 @@ from composer.config import ConfigError
 logger = logging.getLogger(__name__)
 
 
+def shipped_bridge(session: Session) -> str | None:
+    """The trained bridge shipped with the current preset (its folder), or None."""
+    preset = session.preset(session.preset_id) if session.preset_id else None
+    folder = preset.shipped_bridge if preset is not None else None
+    return str(folder) if folder is not None else None
+
+
+def preferred_bridge(session: Session) -> str:
+    """The bridge the Chat tab selects: the loaded one, else the preset's shipped one (so a
+    first open composes without training), else a new bridge."""
+    if session.loaded is not None:
+        return session.loaded.bridge
+    return shipped_bridge(session) or NEW_BRIDGE
+
+
 def bridge_choices(session: Session) -> list[tuple[str, str]]:
-    """(label, folder) for the chat's bridge dropdown: new, finished runs, exported bridges."""
+    """(label, folder) for the chat's bridge dropdown: new, the preset's shipped bridge,
+    finished runs, exported bridges."""
     choices = [("new (untrained) bridge", NEW_BRIDGE)]
+    shipped = shipped_bridge(session)
+    if shipped is not None:
+        choices.append((f"shipped {session.preset_id} (trained)", shipped))
     for name in list_runs(session):
         folder = session.runs_dir / name / progress.BRIDGE
         if (folder / "bridge_config.json").is_file():

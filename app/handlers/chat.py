@@ -313,3 +313,25 @@ def training_notice(session: Session) -> str | None:
         f"training run {busy[0]!r} is running on this machine; replies share the processor with "
         "it and will be slower until it ends"
     )
+
+
+def example_prompts(session: Session, *, count: int = 4) -> list[str]:
+    """The first ``count`` prompts of the current preset's eval file (for the default preset:
+    expressions over held-out keys, which no bridge training example contains), or none."""
+    preset = session.preset(session.preset_id) if session.preset_id else None
+    path = (preset.config.data or {}).get("eval") if preset is not None else None
+    if not path:
+        return []
+    prompts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as rows:
+            for line in rows:
+                prompt = json.loads(line).get("prompt") if line.strip() else None
+                if isinstance(prompt, str) and prompt.strip():
+                    prompts.append(prompt)
+                if len(prompts) >= count:
+                    break
+    except (OSError, ValueError, AttributeError) as exc:  # examples are a convenience only
+        logger.warning("no example prompts from %s: %s", path, exc)
+        return []
+    return prompts

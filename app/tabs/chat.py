@@ -23,7 +23,7 @@ def build(session: Session) -> SimpleNamespace:
         bridge = gr.Dropdown(
             label="Bridge",
             choices=bridges.bridge_choices(session),
-            value=chat.NEW_BRIDGE,
+            value=bridges.preferred_bridge(session),  # the preset's shipped bridge when it has one
             allow_custom_value=True,
             elem_id="chat-bridge",
             scale=3,
@@ -42,6 +42,14 @@ def build(session: Session) -> SimpleNamespace:
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-chat")
                 regenerate = gr.Button("Regenerate", elem_id="regenerate")
                 clear = gr.Button("Clear", elem_id="clear-chat")
+            examples = chat.example_prompts(session)
+            if examples:  # one click puts a held-out prompt in the message box
+                gr.Examples(
+                    [[text] for text in examples],
+                    inputs=[message],
+                    label="Examples from the preset's eval data (held-out: not trained on)",
+                    elem_id="chat-examples",
+                )
         with gr.Column(scale=1):
             system = gr.Textbox(label="System prompt", lines=3, elem_id="system-prompt")
             bridge_on = gr.Checkbox(
@@ -195,8 +203,9 @@ def build(session: Session) -> SimpleNamespace:
         values = {value for _, value in choices}
         if session.loaded is not None:
             choice = session.loaded.bridge
+        fallback = bridges.preferred_bridge(session)
         known = isinstance(choice, str) and choice in values  # a client may send anything
-        return gr.Dropdown(choices=choices, value=choice if known else chat.NEW_BRIDGE)
+        return gr.Dropdown(choices=choices, value=choice if known else fallback)
 
     refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
     return SimpleNamespace(

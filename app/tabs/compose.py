@@ -12,6 +12,7 @@ import gradio as gr
 from app.handlers import recipe
 from app.session import Session
 from app.ui import guard
+from composer import cache as model_cache
 from composer.config import QUANTIZATIONS
 from composer.model_files import missing_files
 
@@ -77,6 +78,8 @@ def build(session: Session) -> SimpleNamespace:
         with gr.Row():
             use_anchor = gr.Button("Use as anchor", elem_id="use-anchor")
             use_specialist = gr.Button("Use as specialist", elem_id="use-specialist")
+        # GGUF files are converted on their first load and kept here (composer.cache)
+        cache_line = gr.Markdown(model_cache.describe(), elem_id="model-cache")
     with gr.Row():
         every = gr.Number(
             label="Bridge: one block per N specialist layers",
@@ -140,7 +143,9 @@ def build(session: Session) -> SimpleNamespace:
     def list_models() -> Any:
         return gr.Dropdown(choices=recipe.list_local_models(session.models_dir))
 
-    refresh_models.click(guard(list_models), None, found, api_name="list_models")
+    refresh_models.click(guard(list_models), None, found, api_name="list_models").then(
+        model_cache.describe, None, cache_line, api_name="describe_model_cache"
+    )
     use_anchor.click(lambda m: m, found, anchor, api_name="use_as_anchor").then(
         guard(set_models), model_fields, None, api_name="set_models_after_anchor"
     )
