@@ -66,7 +66,16 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="append the table to docs/BENCHMARKS.md"
     )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a few seconds at toy size (anchor 64x2, specialist 32x2, 8 tokens): CI checks that "
+        "the script still runs; its numbers mean nothing and are never written",
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.anchor, args.specialist, args.vocab = "64x2", "32x2", 128
+        args.new_tokens, args.prompt_tokens, args.write = 8, 4, False
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +84,9 @@ def main() -> None:
     sw, sl = map(int, args.specialist.split("x"))
     anchor = build(aw, al, max(1, aw // 64), args.vocab, seed=0).to(device)
     specialist = build(sw, sl, max(1, sw // 64), args.vocab, seed=1).to(device)
-    composition = compose(anchor, specialist, bridge_config=BridgeConfig(every=4))
+    composition = compose(
+        anchor, specialist, bridge_config=BridgeConfig(every=1 if args.tiny else 4)
+    )
     with torch.no_grad():  # a trained-looking bridge: non-zero outputs, so nothing is skipped
         for p in composition.bridge.parameters():
             p.normal_(0, 0.02)

@@ -51,7 +51,9 @@ def synchronize() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for gpu_check.json / .md")
+    parser.add_argument(
+        "--out", help="folder for gpu_check.json / .md (required; with --tiny: a temp folder)"
+    )
     parser.add_argument("--preset", default=GPU_PRESETS[0])
     parser.add_argument("--train-steps", type=int, default=8, help="timed optimizer steps")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens per way")
@@ -62,7 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="check the script itself: 8-layer, 256-wide versions of the configs, on the CPU "
         "when there is no GPU (the numbers mean nothing)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        if not args.tiny:
+            parser.error("--out is required (a folder for gpu_check.json / .md)")
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix="gpu-check-tiny-")
+    return args
 
 
 class Report:
@@ -179,6 +188,8 @@ def train_7b(report: Report, built: dict[str, Any], steps: int) -> Any:
     recipe = yaml.safe_load((REPO / report.data["7b"]["preset"]).read_text())
     training = dict(recipe["training"])
     training.update(max_steps=steps, grad_accum=1, logging_every=1, save_every=10_000, eval_every=0)
+    if TINY and DEVICE.type == "cpu":  # seconds on a CI machine: only that the code runs
+        training.update(max_steps=min(steps, 2), batch_size=2, max_length=64)
     tokenizer = build_char_tokenizer()  # ids < 128: valid in Qwen's 152k vocabulary
     composition = compose(
         built["models"]["anchor"],
@@ -278,13 +289,15 @@ def kv_preset(report: Report) -> None:
     recipe = config.to_dict()  # paths resolved against the preset's folder
     if TINY:
         recipe["training"].update(max_steps=20, eval_every=0)
+        if DEVICE.type == "cpu":
+            recipe["training"].update(max_steps=2, save_every=2)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         bridge = train(recipe, output_dir=Path(tmp) / "run")
         report.put("kv", train_s=round(time.perf_counter() - start, 1))
         composition = load_composition(recipe, bridge=bridge)
     held_out = [json.loads(line) for line in open(config.data["eval"])]
-    held_out = held_out[:20] if TINY else held_out
+    held_out = held_out[: 5 if DEVICE.type == "cpu" else 20] if TINY else held_out
     scores = score_worked(composition, held_out)
     report.put(
         "kv",
@@ -319,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cuda_allocator()  # as loading and training do, before CUDA starts
     args = parse_args(argv)
     TINY = args.tiny
+    if TINY and not torch.cuda.is_available():
+        args.new_tokens = min(args.new_tokens, 8)
     if not torch.cuda.is_available():
         if not TINY:
             print("gpu_check needs a CUDA device; none is visible (--tiny runs on the CPU)")
