@@ -38,6 +38,8 @@ class Loaded:
     composition: Any  # composer.composition.Composition
     key: str  # the models' part of the recipe, as JSON
     bridge: str  # "" for a new (untrained) bridge, else the folder it was loaded from
+    engine: str = "torch"  # the engine it runs on: "torch" or "llama.cpp"
+    last_reply: str = ""  # engine and measured speed of the last reply(s), shown under the chat
 
 
 @dataclass

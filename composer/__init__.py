@@ -15,6 +15,7 @@ __all__ = [
     "CompositionConfig",
     "ConfigError",
     "GenerationConfig",
+    "LlamaCppComposition",
     "ModelSpec",
     "compose",
     "load_bridge",
@@ -33,6 +34,7 @@ _WHERE = {
     "compose": "composer.composition",
     "load_bridge": "composer.loading",
     "load_composition": "composer.loading",
+    "LlamaCppComposition": "composer.llamacpp",
 }
 
 

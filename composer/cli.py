@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     recipe = read_recipe(args.recipe)
     _check_prompt_length(recipe, (args.system or "") + args.prompt)
-    composition = load_composition(recipe, bridge=args.bridge)
+    composition = load_composition(recipe, bridge=args.bridge, engine=args.engine)
     if args.bridge is None:
         logger.warning("no --bridge given: the bridge is untrained, so this is the anchor alone")
     tokenizer = composition.tokenizer
@@ -81,11 +82,19 @@ def _generate(args: argparse.Namespace) -> int:
         streamer=streamer,
         generator=generator,
     )
+    started = time.perf_counter()
     if args.no_bridge:
         with composition.bridge_off():
-            composition.generate(input_ids, **kwargs)
+            new = composition.generate(input_ids, **kwargs)
     else:
-        composition.generate(input_ids, **kwargs)
+        new = composition.generate(input_ids, **kwargs)
+    seconds = time.perf_counter() - started
+    engine = getattr(composition, "engine", "torch")
+    print(
+        f"\n[{engine}: {new.shape[1]} tokens in {seconds:.1f} s, "
+        f"{new.shape[1] / max(seconds, 1e-9):.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -268,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--seed", type=int, help="sampling seed")
     generate.add_argument("--no-bridge", action="store_true", help="the anchor alone, to compare")
+    generate.add_argument(
+        "--engine",
+        choices=("auto", "torch", "llama.cpp"),
+        default="auto",
+        help="auto (default): llama.cpp when both models are GGUF files and llama-cpp-python is "
+        "installed, else torch",
+    )
     generate.set_defaults(run=_generate)
 
     serve = commands.add_parser(

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from composer.export import (
 from composer.hardware import configure_cuda_allocator, default_device, resolve_dtype
 from composer.identity import identity_mismatches, model_identity
 from composer.pairing import check_pairs
+
+if TYPE_CHECKING:
+    from composer.llamacpp import LlamaCppComposition
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +255,7 @@ def load_tokenizer(spec: ModelSpec, location: Location | None = None) -> Any:
             f"could not load a tokenizer for {spec.model!r} from {source}: {_first_line(exc)}; "
             "set 'tokenizer:' in the model's section to a folder or hub id that has one"
         ) from None
-    except _UNREADABLE as exc:
+    except (*_UNREADABLE, Exception) as exc:  # the tokenizers library raises bare Exception
         raise _unreadable(spec, "tokenizer", exc) from None
     return tokenizer
 
@@ -345,9 +348,18 @@ def load_composition(
     bridge: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     seed: int | None = None,
-) -> Composition:
-    """Load both models of a recipe and compose them (a new bridge, or the saved ``bridge``)."""
+    engine: str = "torch",
+) -> Composition | LlamaCppComposition:
+    """Load both models of a recipe and compose them (a new bridge, or the saved ``bridge``).
+
+    ``engine``: "torch" (trains and decodes), "llama.cpp" (decodes GGUF models on llama.cpp's
+    quantised kernels; see composer.llamacpp) or "auto" (llama.cpp when it can run the recipe).
+    """
     config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
+    if resolve_engine(config, engine) == "llama.cpp":
+        from composer.llamacpp import load_llamacpp_composition
+
+        return load_llamacpp_composition(config, bridge=bridge, seed=seed)
     anchor = load_model(config.anchor, device=device)
     specialist = load_model(config.specialist, device=device)
     sources = {"anchor": anchor.source, "specialist": specialist.source}
@@ -370,6 +382,18 @@ def load_composition(
         sources=sources,
         seed=seed,
     )
+
+
+def resolve_engine(config: CompositionConfig, engine: str) -> str:
+    """"torch" or "llama.cpp" for ``engine``; logs one line when ``auto`` falls back to torch."""
+    from composer.llamacpp import choose_engine, llama_cpp_missing
+
+    missing = llama_cpp_missing() if engine != "torch" else None
+    chosen, why = choose_engine(config, engine, missing=missing)
+    if why:  # a warning only when llama.cpp was the choice but cannot run here
+        gguf = config.anchor.is_gguf and config.specialist.is_gguf
+        logger.log(logging.WARNING if gguf else logging.INFO, "%s", why)
+    return chosen
 
 
 def load_bridge(

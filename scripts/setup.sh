@@ -51,4 +51,14 @@ if [ "${1:-}" = "--test" ]; then
 else
   "${PIP[@]}" -e .
 fi
+# The llama.cpp engine (`engine: auto` picks it for two GGUF files). llama-cpp-python has no
+# wheel on PyPI: pip builds it from source, 5-10 minutes on 2 cores, once per .venv.
+# GGML_NATIVE=OFF makes a portable build: -march=native enables kernels (AMX) that some virtual
+# CPUs advertise but cannot run, and every decode segfaults. --no-cache-dir: pip's wheel cache
+# ignores CMAKE_ARGS. Where the build fails, everything runs on the torch engine.
+if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "setup: building llama-cpp-python for the llama.cpp engine (5-10 minutes, once per .venv)"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" --no-cache-dir "llama-cpp-python>=0.3.36,<0.4" \
+    || echo "setup: could not build llama-cpp-python: GGUF compositions run on the torch engine (slower)"
+fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -19,22 +19,27 @@ logger = logging.getLogger(__name__)
 NEW_BRIDGE = ""  # the bridge choice meaning "a new, untrained bridge"
 
 
-def _models_key(config: CompositionConfig) -> str:
+ENGINES = ("auto", "torch", "llama.cpp")  # auto: llama.cpp for two GGUF files when installed
+
+
+def _models_key(config: CompositionConfig, engine: str = "auto") -> str:
     data = config.to_dict()
-    return json.dumps({k: data[k] for k in ("anchor", "specialist", "bridge")}, sort_keys=True)
+    key = {k: data[k] for k in ("anchor", "specialist", "bridge")}
+    return json.dumps({**key, "engine": engine}, sort_keys=True)
 
 
-def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE) -> str:
+def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE, engine: str = "auto") -> str:
     """Load the recipe's two models and a bridge (new, or a saved folder); returns a summary.
 
-    Reuses what is loaded when the models and the bridge are the same.
+    ``engine``: auto (llama.cpp for two GGUF files when llama-cpp-python is installed, else
+    torch), torch or llama.cpp. Reuses what is loaded when models, bridge and engine are the same.
     """
     if bridge is not None and not isinstance(bridge, str):
         raise ConfigError(
             f"the bridge is {bridge!r}; expected a bridge folder (text), or nothing for a new one"
         )
     config = current_recipe(session)
-    key, bridge = _models_key(config), (bridge or NEW_BRIDGE)
+    key, bridge = _models_key(config, engine or "auto"), (bridge or NEW_BRIDGE)
     with session.model_lock:
         loaded = session.loaded
         if loaded is not None and loaded.key == key and loaded.bridge == bridge:
@@ -42,18 +47,27 @@ def load_models(session: Session, *, bridge: str | None = NEW_BRIDGE) -> str:
         from composer.loading import load_composition
 
         session.loaded = None  # free the old models before loading new ones
-        composition = load_composition(config, bridge=bridge or None, seed=0)
-        session.loaded = Loaded(composition=composition, key=key, bridge=bridge)
+        composition = load_composition(
+            config, bridge=bridge or None, seed=0, engine=engine or "auto"
+        )
+        session.loaded = Loaded(
+            composition=composition,
+            key=key,
+            bridge=bridge,
+            engine=getattr(composition, "engine", "torch"),
+        )
     return describe_loaded(session)
 
 
-def needs_loading(session: Session, *, bridge: str | None = NEW_BRIDGE) -> bool:
-    """Whether :func:`load_models` would load anything (other models or another bridge)."""
+def needs_loading(
+    session: Session, *, bridge: str | None = NEW_BRIDGE, engine: str = "auto"
+) -> bool:
+    """Whether :func:`load_models` would load anything (other models, bridge or engine)."""
     loaded = session.loaded
     if loaded is None or loaded.bridge != (bridge or NEW_BRIDGE):
         return True
     try:
-        return loaded.key != _models_key(current_recipe(session))
+        return loaded.key != _models_key(current_recipe(session), engine or "auto")
     except ConfigError:
         return True
 
@@ -66,9 +80,15 @@ def describe_loaded(session: Session) -> str:
     recipe = composition.recipe
     names = f"{recipe.anchor.model} + {recipe.specialist.model}" if recipe is not None else "models"
     return (
-        f"loaded {names}; {len(composition.pairs)} block(s), "
+        f"loaded {names} on the **{session.loaded.engine}** engine; "
+        f"{len(composition.pairs)} block(s), "
         f"{composition.bridge.num_parameters():,} bridge parameters; bridge: {bridge}"
     )
+
+
+def reply_stats(session: Session) -> str:
+    """The engine and measured speed of the last reply (or of each side-by-side reply)."""
+    return session.loaded.last_reply if session.loaded is not None else ""
 
 
 def require_loaded(session: Session) -> Any:
@@ -166,19 +186,32 @@ def _streamer(tokenizer: Any, cancel: threading.Event) -> Any:
     from transformers import TextIteratorStreamer
 
     class CancellableStreamer(TextIteratorStreamer):
+        new_tokens = 0  # counted for the reply's tokens/s (the first put is the prompt)
+        prompt_seen = False
+
         def put(self, value: Any) -> None:
             if cancel.is_set():
                 raise GenerationCancelled
+            if self.prompt_seen:
+                self.new_tokens += int(value.numel())
+            self.prompt_seen = True
             super().put(value)
 
     return CancellableStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.2)
 
 
-def _stream(decode: Callable[[Any], Any], tokenizer: Any, cancel: threading.Event) -> Iterator[str]:
+def _stream(
+    decode: Callable[[Any], Any],
+    tokenizer: Any,
+    cancel: threading.Event,
+    on_done: Callable[[int, float], None] | None = None,  # (new tokens, seconds decoding)
+) -> Iterator[str]:
     """Run ``decode(streamer)`` in a thread; yield the growing text until it ends or Stop."""
+    import time
     from queue import Empty
 
     streamer = _streamer(tokenizer, cancel)
+    started = time.perf_counter()
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -211,6 +244,8 @@ def _stream(decode: Callable[[Any], Any], tokenizer: Any, cancel: threading.Even
         thread.join(timeout=30)
     if errors:
         raise errors[0]
+    if on_done is not None:
+        on_done(streamer.new_tokens, time.perf_counter() - started)
 
 
 def _decode_kwargs(settings: GenerationConfig) -> dict[str, Any]:
@@ -230,6 +265,7 @@ def stream_reply(
     settings: ChatSettings,
     *,
     model: str = "composition",  # or "anchor" (bridge off) or "specialist"
+    keep_previous: bool = False,  # add this reply's speed line to the last one's (compare)
 ) -> Iterator[str]:
     """Stream the reply to the conversation's last user message; yields the text so far.
 
@@ -266,7 +302,20 @@ def stream_reply(
             def decode(streamer: Any) -> None:
                 composition.generate(input_ids, streamer=streamer, **kwargs)
 
-        yield from _stream(decode, tokenizer, session.cancel)
+        loaded = session.loaded
+
+        def record(tokens: int, seconds: float) -> None:
+            label = "anchor" if model == "composition" and not settings.bridge else model
+            line = speed_line(label, loaded.engine, tokens, seconds)
+            loaded.last_reply = f"{loaded.last_reply}  \n{line}" if keep_previous else line
+
+        yield from _stream(decode, tokenizer, session.cancel, on_done=record)
+
+
+def speed_line(model: str, engine: str, tokens: int, seconds: float) -> str:
+    """One line under a reply: which model and engine wrote it, how fast (pure)."""
+    speed = tokens / seconds if seconds > 0 else 0.0
+    return f"{model}: {engine} engine, {tokens} tokens in {seconds:.1f} s ({speed:.1f} tokens/s)"
 
 
 def _specialist_decode(composition: Any, input_ids: Any, kwargs: dict[str, Any], tokenizer: Any):  # noqa: ANN202
@@ -288,6 +337,13 @@ def _specialist_decode(composition: Any, input_ids: Any, kwargs: dict[str, Any],
         )
     else:
         options.update(temperature=None, top_p=None, top_k=None)
+    if hasattr(composition, "specialist_alone"):  # the llama.cpp engine decodes it itself
+
+        def decode_alone(streamer: Any) -> None:
+            with composition.specialist_alone():
+                composition.generate(input_ids, streamer=streamer, **kwargs)
+
+        return decode_alone
     device = specialist.get_input_embeddings().weight.device
 
     def decode(streamer: Any) -> None:

@@ -28,12 +28,20 @@ def build(session: Session) -> SimpleNamespace:
             elem_id="chat-bridge",
             scale=3,
         )
+        engine = gr.Dropdown(
+            label="Engine",
+            choices=list(chat.ENGINES),
+            value="auto",  # llama.cpp for two GGUF files when llama-cpp-python is installed
+            elem_id="chat-engine",
+            scale=1,
+        )
         refresh = gr.Button("Refresh", elem_id="refresh-bridges", scale=1)
         load = gr.Button("Load models", variant="primary", elem_id="load-models", scale=1)
     loaded = gr.Markdown(chat.describe_loaded(session), elem_id="models-status")
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chatbot")
+            speed = gr.Markdown("", elem_id="reply-speed")  # engine and tokens/s of each reply
             message = gr.Textbox(
                 label="Message", placeholder="Type and press Enter", elem_id="chat-input"
             )
@@ -113,13 +121,17 @@ def build(session: Session) -> SimpleNamespace:
             bridge=bool(on),
         )
 
+    # The engine is read from its dropdown when a reply needs the models (not an event input,
+    # so the chat events keep their API signatures).
+    chosen_engine = {"value": "auto"}
+
     def ensure_loaded(choice: str | None) -> None:
         notice = chat.training_notice(session)
         if notice:
             gr.Warning(notice)
-        if chat.needs_loading(session, bridge=choice):
+        if chat.needs_loading(session, bridge=choice, engine=chosen_engine["value"]):
             gr.Info("loading the models and the chosen bridge first")
-            chat.load_models(session, bridge=choice)
+            chat.load_models(session, bridge=choice, engine=chosen_engine["value"])
 
     def respond(
         history: list[dict[str, Any]] | None, text: str, choice: str | None, *values: Any
@@ -157,28 +169,40 @@ def build(session: Session) -> SimpleNamespace:
         messages = [{"role": "user", "content": text}]
         answers = ["", "", ""]
         for k, model in enumerate(("anchor", "specialist", "composition")):
-            for answers[k] in chat.stream_reply(session, messages, config, model=model):
+            replies = chat.stream_reply(session, messages, config, model=model, keep_previous=k > 0)
+            for answers[k] in replies:
                 yield tuple(answers)
         yield tuple(answers)
 
     def load_models(choice: str | None) -> str:
-        return chat.load_models(session, bridge=choice)
+        return chat.load_models(session, bridge=choice, engine=chosen_engine["value"])
+
+    def choose_engine(value: str | None) -> None:
+        chosen_engine["value"] = value or "auto"
 
     chat_inputs = [chatbot, message, bridge, *settings]
-    send.click(guard(respond), chat_inputs, [chatbot, message], api_name="chat", **MODEL_EVENT)
+    engine.change(choose_engine, engine, None, api_name="choose_engine", queue=False)
+
+    def show_speed() -> str:
+        return chat.reply_stats(session)
+
+    speed_event = {"fn": show_speed, "inputs": None, "outputs": speed, "queue": False}
+    send.click(
+        guard(respond), chat_inputs, [chatbot, message], api_name="chat", **MODEL_EVENT
+    ).then(**speed_event, api_name="speed_after_chat")
     message.submit(
         guard(respond), chat_inputs, [chatbot, message], api_name="chat_on_submit", **MODEL_EVENT
-    )
+    ).then(**speed_event, api_name="speed_after_submit")
     regenerate.click(
         guard(again), [chatbot, bridge, *settings], chatbot, api_name="regenerate", **MODEL_EVENT
-    )
+    ).then(**speed_event, api_name="speed_after_regenerate")
     compare.click(
         guard(side_by_side),
         [message, bridge, *settings],
         [anchor_out, specialist_out, composed_out],
         api_name="compare",
         **MODEL_EVENT,
-    )
+    ).then(**speed_event, api_name="speed_after_compare")
     stop.click(lambda: chat.stop_reply(session), None, None, api_name="stop_chat", queue=False)
     clear.click(lambda: [], None, chatbot, api_name="clear_chat", queue=False)
     load.click(guard(load_models), bridge, loaded, api_name="load_models", **MODEL_EVENT)
@@ -209,5 +233,10 @@ def build(session: Session) -> SimpleNamespace:
 
     refresh.click(guard(refresh_bridges), bridge, bridge, api_name="refresh_bridges")
     return SimpleNamespace(
-        bridge=bridge, loaded=loaded, refresh_bridges=guard(refresh_bridges), chatbot=chatbot
+        bridge=bridge,
+        loaded=loaded,
+        refresh_bridges=guard(refresh_bridges),
+        chatbot=chatbot,
+        engine=engine,
+        speed=speed,
     )
