@@ -751,11 +751,20 @@ class _Run:
         found = progress.latest_checkpoint(self.output)
         if found is not None:
             step, folder = found
-            saved = json.loads((folder / _STATE).read_text(encoding="utf-8"))
-            _check_resumable(saved.get("training", {}), training, folder)
-            state = _load_checkpoint(
-                folder, bridge=bridge, optimizer=optimizer, scheduler=scheduler, device=device
-            )
+            try:
+                saved = json.loads((folder / _STATE).read_text(encoding="utf-8"))
+                _check_resumable(saved.get("training", {}), training, folder)
+                state = _load_checkpoint(
+                    folder, bridge=bridge, optimizer=optimizer, scheduler=scheduler, device=device
+                )
+            except ConfigError:
+                raise
+            except Exception as exc:  # a damaged file: safetensors, pickle-free torch, JSON
+                raise ConfigError(
+                    f"the checkpoint {folder} is damaged ({type(exc).__name__}: "
+                    f"{_one_line(exc).split(': ', 1)[-1]}); delete that folder to resume from "
+                    "the checkpoint before it, or train into a new --output folder"
+                ) from None
             state.training = training.to_dict()
             self.last_checkpoint = folder
             logger.info("resuming from %s (step %d of %d)", folder, step, max_steps)

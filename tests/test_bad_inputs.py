@@ -242,6 +242,39 @@ def test_malformed_model_config_json(world, tmp_path, capsys):
     assert "broken-model" in err
 
 
+def test_malformed_tokenizer_file(world, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "broken-tokenizer"
+    shutil.copytree(world / "anchor", folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    recipe = recipe_file(world, tmp_path, anchor={"model": str(folder)})
+    with pytest.raises(ConfigError, match="broken-tokenizer"):
+        load_composition(recipe)
+    code, err = cli("generate", str(recipe), "--prompt", "ab=", capsys=capsys)
+    assert code == 2 and "tokenizer" in one_error_line(err)
+
+
+@pytest.mark.parametrize("damage", ["state", "weights"])
+def test_a_damaged_checkpoint_is_named(world, trained, tmp_path, damage, capsys):
+    import shutil
+
+    from composer.train import train
+
+    output = _copy_run(trained, tmp_path / "run")
+    shutil.rmtree(output / "bridge")  # unfinished: resuming reads the newest checkpoint
+    step, folder = progress.latest_checkpoint(output)
+    name = "trainer_state.json" if damage == "state" else "bridge.safetensors"
+    (folder / name).write_bytes((folder / name).read_bytes()[:-30])
+    before = snapshot(folder)
+    recipe = recipe_file(world, tmp_path)
+    with pytest.raises(ConfigError, match=f"the checkpoint {re.escape(str(folder))} is damaged"):
+        train(recipe, output_dir=output)
+    code, err = cli("train", str(recipe), "--output", str(output), capsys=capsys)
+    assert code == 2 and "delete that folder to resume" in one_error_line(err)
+    assert snapshot(folder) == before
+
+
 def test_malformed_yaml_recipe(tmp_path, capsys):
     bad = tmp_path / "recipe.yaml"
     bad.write_text("anchor: {model: [unclosed\n")
