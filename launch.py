@@ -19,6 +19,7 @@ from composer.network import (  # noqa: F401 (launch.is_loopback stays importabl
 )
 
 PORT_TRIES = 20  # the requested port and the next 19
+MAX_UPLOAD = "2gb"  # bounds what one request can make the server store
 
 
 def choose_port(host: str, port: int, *, tries: int = PORT_TRIES) -> int:
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             inbrowser=not args.no_browser,
             share=args.share,
             show_error=True,
+            # Uploads (data files, bridge archives) above this are refused by Gradio with a
+            # message; a larger data file can still be named by its path in the Data tab.
+            max_file_size=MAX_UPLOAD,
             footer_links=["api", "gradio"],
         )
     finally:
