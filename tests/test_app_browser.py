@@ -195,7 +195,7 @@ def test_a_fresh_app_composes_held_out_keys_with_the_shipped_bridge(fresh_defaul
         page.goto(fresh_default_app.local_url)
         page.get_by_role("tab", name="Chat").click()
         # The shipped bridge is already chosen; no run exists.
-        expect(page.get_by_test_id("chat-bridge")).to_contain_text("shipped kv-arithmetic")
+        expect(field(page, "chat-bridge")).to_have_value("shipped kv-arithmetic (trained)")
         assert not fresh_default_app.calm_session.runs_dir.exists() or not any(
             fresh_default_app.calm_session.runs_dir.iterdir()
         )
