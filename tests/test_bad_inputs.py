@@ -945,3 +945,13 @@ def test_every_named_endpoint_answers_wrong_types_with_a_message(tmp_path, monke
     finally:
         demo.calm_session.close()
         demo.close()
+
+
+def test_a_dead_run_without_a_checkpoint_promises_none(app_session):
+    from app.handlers import runs
+
+    app_session.train_command = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    name = runs.start_training(app_session, run_name="dies", hyperparameters={})
+    view = _wait_for_state(app_session, name, ("failed",), timeout=60)
+    assert "no checkpoint was written: press Resume to start it again" in view.reason
+    assert "continue from" not in view.reason

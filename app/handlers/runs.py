@@ -388,9 +388,15 @@ def _exit_reason(folder: Path, exit_code: int | None) -> str:
     last = [line for line in _tail(folder / CONSOLE_LOG, 30).splitlines() if line.strip()]
     code = f" (exit code {exit_code})" if exit_code is not None else ""
     detail = f": {last[-1].strip()}" if last else ""
+    found = progress.latest_checkpoint(folder)  # never promise a checkpoint that is not there
+    then = (
+        f"press Resume to continue from {found[1].name}"
+        if found is not None
+        else "no checkpoint was written: press Resume to start it again"
+    )
     return (
         f"the training process ended without finishing{code}{detail}; see "
-        f"{folder / CONSOLE_LOG}; press Resume to continue from the last checkpoint"
+        f"{folder / CONSOLE_LOG}; {then}"
     )
 
 
