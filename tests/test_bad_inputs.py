@@ -363,13 +363,16 @@ def test_damaged_bridge_config_is_refused(world, trained, tmp_path, config):
         (b"[1, 2]\n", "line 1: a JSON list, expected a JSON object"),
     ],
 )
-def test_malformed_data_file_api_and_app(world, tmp_path, content, expected):
+def test_malformed_data_file_api_and_app(app_session, tmp_path, content, expected):
+    from app.handlers import recipe
     from composer.data import load_dataset
 
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=expected):
         load_dataset(path, build_char_tokenizer(), max_length=32)
+    with pytest.raises(ConfigError, match=expected):  # the Data tab's preview
+        recipe.preview_data(app_session, str(path))
     assert path.read_bytes() == content
 
 
