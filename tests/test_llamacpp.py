@@ -154,6 +154,7 @@ def _ids(tokenizer, text: str, n: int) -> torch.Tensor:
     return ids
 
 
+@pytest.mark.slow
 def test_auto_picks_llama_cpp_for_two_gguf_files_and_it_cannot_train(engines, zero_bridge):
     _, on_llama, _ = engines
     assert type(on_llama).__name__ == "LlamaCppComposition" and on_llama.engine == "llama.cpp"
@@ -162,6 +163,7 @@ def test_auto_picks_llama_cpp_for_two_gguf_files_and_it_cannot_train(engines, ze
         on_llama.train()
 
 
+@pytest.mark.slow
 def test_a_zero_bridge_gives_exactly_the_anchors_tokens_and_logits(zero_bridge):
     """(a) with the bridge injected through cb_eval but zero, llama.cpp's anchor, bit for bit."""
     composition = zero_bridge
@@ -177,6 +179,7 @@ def test_a_zero_bridge_gives_exactly_the_anchors_tokens_and_logits(zero_bridge):
     assert torch.equal(tokens, alone_tokens) and tokens.shape == (1, 24)
 
 
+@pytest.mark.slow
 def test_a_random_bridge_agrees_with_the_torch_engine_on_the_same_gguf(engines):
     """(b) same greedy tokens for 16+ tokens and the same argmax at >= 95% of a 200-token text;
     the differences come from llama.cpp's quantised kernels (also seen for the anchor alone)."""
@@ -202,6 +205,7 @@ def test_a_random_bridge_agrees_with_the_torch_engine_on_the_same_gguf(engines):
     assert torch.equal(on_llama.generate(prompt, max_new_tokens=16, eos_token_id=[]), expected)
 
 
+@pytest.mark.slow
 def test_later_tokens_change_no_earlier_logit(engines):
     """(c) no label leak: logits at or before t depend only on tokens 0..t."""
     _, on_llama, _ = engines
@@ -213,6 +217,7 @@ def test_later_tokens_change_no_earlier_logit(engines):
     assert not torch.allclose(first[:, 30:], second[:, 30:])
 
 
+@pytest.mark.slow
 def test_without_the_causal_rule_the_label_leaks(engines, gguf):
     """The check above can fail: a non-causal bridge lets earlier positions read later tokens."""
     from composer.bridge import Bridge, BridgeShape
@@ -233,6 +238,7 @@ def test_without_the_causal_rule_the_label_leaks(engines, gguf):
     assert not torch.allclose(first[:, :30], second[:, :30])
 
 
+@pytest.mark.slow
 def test_a_batched_prompt_gives_the_next_token_logits_of_one_token_at_a_time(engines):
     """(d) batched ingestion (causal inside the batch) == feeding the prompt token by token, up to
     kernel rounding: llama.cpp multiplies a batch with other kernels than a single row."""
@@ -254,6 +260,7 @@ def test_a_batched_prompt_gives_the_next_token_logits_of_one_token_at_a_time(eng
     )
 
 
+@pytest.mark.slow
 def test_prompts_longer_than_a_batch_are_ingested_in_chunks(gguf, engines):
     """Chunks of n_batch tokens: the bridge sees the right positions across chunk borders."""
     from composer.llamacpp import LlamaCppComposition
@@ -271,6 +278,7 @@ def test_prompts_longer_than_a_batch_are_ingested_in_chunks(gguf, engines):
     assert (whole - pieces).abs().max() < 0.02 * whole.abs().max()
 
 
+@pytest.mark.slow
 def test_an_error_inside_the_callback_leaves_no_state_behind(engines):
     """Hooks-style: a bridge that does not fit fails inside llama.cpp's callback; the error names
     what did not fit, both KV caches and the bridge caches are empty, and the next run works."""
@@ -333,6 +341,7 @@ def _assert_empty(composition) -> None:
     assert all(k is None for k in composition._keys)
 
 
+@pytest.mark.slow
 def test_decoding_settings_behave_as_in_the_torch_engine(engines):
     """Stop strings, EOS, streaming, seeded sampling, left-padded batches: as composer.generate."""
     from transformers import TextIteratorStreamer
@@ -370,6 +379,7 @@ def test_decoding_settings_behave_as_in_the_torch_engine(engines):
     assert torch.equal(out[1], on_llama.generate(short, max_new_tokens=6, eos_token_id=[])[0])
 
 
+@pytest.mark.slow
 def test_the_specialist_alone_decodes_without_the_bridge(engines):
     _, on_llama, _ = engines
     prompt = _ids(on_llama.tokenizer, TEXT, 24)
@@ -381,6 +391,7 @@ def test_the_specialist_alone_decodes_without_the_bridge(engines):
     assert torch.equal(specialist, anchor)
 
 
+@pytest.mark.slow
 def test_a_bridge_made_for_other_models_is_refused(engines, tmp_path):
     import json
 
