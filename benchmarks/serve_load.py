@@ -7,6 +7,7 @@ random weights: the same amount of work per token), then sends streamed chat com
 a time (one model), so with N clients the time to first token includes the wait in the queue.
 Usage:
   python benchmarks/serve_load.py [--clients 1 8] [--requests 4] [--max-tokens 16] [--write]
+  python benchmarks/serve_load.py --tiny   # 1 and 2 clients, 1 request, 4 tokens, a free port
 """
 
 from __future__ import annotations
@@ -184,7 +185,18 @@ def main() -> None:
         "--check", type=int, default=20, help="held-out prompts scored on each model (exact)"
     )
     parser.add_argument("--write", action="store_true", help="append to docs/BENCHMARKS.md")
+    parser.add_argument(
+        "--tiny", action="store_true", help="check the script: seconds, a free port, no --write"
+    )
     args = parser.parse_args()
+    if args.tiny:
+        import socket
+
+        with socket.socket() as probe:  # a port nobody else is using now
+            probe.bind(("127.0.0.1", 0))
+            args.port = probe.getsockname()[1]
+        args.clients, args.requests, args.max_tokens, args.check = [1, 2], 1, 4, 2
+        args.write = False
 
     held_out = PRESET.parent / "data" / "kv-arithmetic-heldout.jsonl"
     rows = [json.loads(line) for line in held_out.open(encoding="utf-8")]
