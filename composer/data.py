@@ -32,6 +32,7 @@ from composer.datafiles import (
     row_problem,
     validate_rows,
 )
+from composer.pacing import Pacer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -301,7 +302,11 @@ def _load_examples(
     problems = validate_rows(rows, fmt, source=source)
     bad = {p.row for p in problems}
     examples = []
+    pacer = Pacer(total=len(rows))  # a large file says how far tokenising is, every 10 s
+    pacer.due(0)
     for i, row in enumerate(rows, start=1):
+        if pacer.due(i) and i < len(rows):
+            logger.info("tokenising %s: rows %s", path.name, pacer.status(i))
         if i in bad:
             continue
         try:

@@ -24,3 +24,23 @@ def test_a_line_is_due_first_then_every_ten_seconds_and_at_the_end():
     gaps = [(b - a) * 0.75 for a, b in zip(due[:-2], due[1:-1], strict=True)]
     assert all(10.0 <= gap < 10.75 for gap in gaps), gaps
     assert pacer.status(500).startswith("500/1000, 12m30s, ETA 12m30s")
+
+
+def test_tokenising_a_file_reports_progress(tmp_path, monkeypatch, caplog):
+    """Data tokenisation says how far it is (here every row: a Pacer that is always due)."""
+    import functools
+    import json
+    import logging
+
+    from composer import data
+    from composer.chartok import build_char_tokenizer
+
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(5)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(data, "Pacer", functools.partial(Pacer, every_s=0.0))
+    with caplog.at_level(logging.INFO, logger="composer.data"):
+        split = data.load_dataset(path, build_char_tokenizer(), max_length=32)
+    assert len(split.train) == 5
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenising")]
+    assert lines[0].startswith("tokenising sums.jsonl: rows 1/5, ") and len(lines) == 4
