@@ -20,9 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
-import resource
-import signal
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,10 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from composer import identity, progress, run_lock
+from composer import checkpoints, identity, progress, run_guards, run_lock
 from composer.architectures import decoder_layers
 from composer.config import CompositionConfig, ConfigError, read_recipe, resolve_paths
 from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
@@ -47,15 +43,6 @@ if TYPE_CHECKING:
     from composer.composition import Composition
 
 logger = logging.getLogger(__name__)
-
-_BRIDGE_TENSORS = "bridge.safetensors"
-_OPTIMIZER = "optimizer.pt"
-_SCHEDULER = "scheduler.json"
-_RNG = "rng.safetensors"
-_STATE = "trainer_state.json"
-# Settings that decide the data order and the step arithmetic: a checkpoint made with other values
-# cannot be continued exactly.
-_RESUME_KEYS = ("batch_size", "grad_accum", "seed", "max_length")
 
 
 class TrainingStopped(Exception):
@@ -74,28 +61,6 @@ class TrainingFailed(ConfigError):
     """The run cannot go on with these settings (e.g. out of memory); the message says why."""
 
     exit_code = 1  # a failure of the run, not a mistake in the command (the CLI's exit status)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM ended the run at once; the message says what can be resumed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class NonFiniteError(Exception):
-    """A step produced a non-finite loss or gradient (internal: becomes TrainingFailed)."""
-
-
-# Only the run's log file gets the traceback of a failure; the console gets one line (a CLI user
-# asks for more with -v).
-_TRACEBACK = logging.getLogger("composer.train.traceback")
-_TRACEBACK.propagate = False
-_TRACEBACK.addHandler(logging.NullHandler())  # not logging's last resort (stderr) elsewhere
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,205 +165,6 @@ def gradient_checkpointing(layers: Sequence[nn.Module]) -> Iterator[None]:
                 layer.forward = original
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
-    return tensors, random.getstate()
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], python_state: Any) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = python_state
-    random.setstate((version, tuple(internal), gauss))
-
-
-@dataclass
-class RunState:
-    """What a checkpoint's trainer_state.json holds besides tensors."""
-
-    step: int = 0
-    micro_batches: int = 0  # global micro-batches consumed: the data position
-    elapsed_s: float = 0.0  # training time of earlier sessions
-    loss_sum: float = 0.0  # losses of steps since the last progress line
-    loss_steps: int = 0
-    training: dict[str, Any] = field(default_factory=dict)
-    # Eval loss before the first step, when there is an eval set: the zero-initialised bridge
-    # adds nothing then, so this is the anchor alone, the "before" of every later eval loss.
-    start_eval_loss: float | None = None
-
-
-def _save_checkpoint(
-    output_dir: Path,
-    *,
-    bridge: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: RunState,
-    keep: int,
-) -> Path:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
-    rng_tensors, python_rng = _rng_state()
-
-    def write(folder: Path) -> None:
-        save_file(tensors, str(folder / _BRIDGE_TENSORS))
-        torch.save(optimizer.state_dict(), folder / _OPTIMIZER)
-        (folder / _SCHEDULER).write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
-        save_file(rng_tensors, str(folder / _RNG))
-        record = {**state.__dict__, "python_rng": python_rng}
-        (folder / _STATE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-
-    return progress.write_checkpoint(output_dir, state.step, write, keep=keep)
-
-
-def _load_checkpoint(
-    folder: Path, *, bridge: nn.Module, optimizer: Any, scheduler: Any, device: torch.device
-) -> RunState:
-    record = json.loads((folder / _STATE).read_text(encoding="utf-8"))
-    python_rng = record.pop("python_rng")
-    state = RunState(**record)
-    tensors = load_file(str(folder / _BRIDGE_TENSORS), device=str(device))
-    expected = {k: tuple(v.shape) for k, v in bridge.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
-        raise ConfigError(
-            f"the checkpoint {folder} holds a bridge of another shape than this recipe's (were "
-            "the models or the bridge settings changed?); train into a new --output folder, or "
-            "restore the recipe it was made with"
-        )
-    bridge.load_state_dict(tensors)
-    optimizer.load_state_dict(
-        torch.load(folder / _OPTIMIZER, map_location=device, weights_only=True)
-    )
-    scheduler.load_state_dict(json.loads((folder / _SCHEDULER).read_text(encoding="utf-8")))
-    _restore_rng(load_file(str(folder / _RNG)), python_rng)
-    return state
-
-
-def _check_resumable(saved: Mapping[str, Any], current: TrainingConfig, folder: Path) -> None:
-    for key in _RESUME_KEYS:
-        if key in saved and saved[key] != getattr(current, key):
-            raise ConfigError(
-                f"the checkpoint {folder} was made with training.{key}={saved[key]!r}, the recipe "
-                f"now says {getattr(current, key)!r}; resuming would not continue the same run. "
-                f"Set {key} back, or train into a new --output folder"
-            )
-    changed = [
-        f"{key} {saved[key]!r} -> {value!r}"
-        for key, value in current.to_dict().items()
-        if key in saved and saved[key] != value
-    ]
-    if changed:
-        logger.warning("settings changed since %s: %s", folder.name, ", ".join(changed))
-
-
-# ---------------------------------------------------------------------------------------------
-# Run-scoped side effects
-
-
-@contextlib.contextmanager
-def _log_to_file(path: Path | None) -> Iterator[None]:
-    """Copy the library's log records (INFO and up) to ``path`` for the run's duration."""
-    if path is None:
-        yield
-        return
-    root = logging.getLogger("composer")
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    previous_level = root.level
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    _TRACEBACK.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        _TRACEBACK.removeHandler(handler)
-        root.setLevel(previous_level)
-        handler.close()
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM handlers that ask for a clean stop; a second signal interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.reason = ""
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise TrainingInterrupted(f"{signal.Signals(signum).name} received twice")
-        self.requested = True
-        self.reason = signal.Signals(signum).name
-        logger.warning("%s received: stopping after this step", self.reason)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopRequest]:
-        previous = {}
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    previous[signum] = signal.signal(signum, self._handle)
-                except ValueError:  # not the main thread: signals stay with the caller
-                    break
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-def _out_of_memory_reason(config: TrainingConfig, step: int) -> str:
-    advice = [
-        f"lower training.batch_size (now {config.batch_size}; raise grad_accum to keep the "
-        "effective batch)",
-        f"lower training.max_length (now {config.max_length})",
-    ]
-    if not config.gradient_checkpointing:
-        advice.append("set training.gradient_checkpointing: true")
-    return f"out of memory at step {step + 1}: " + ", or ".join(advice)
-
-
-def _refuse_a_live_run(output: Path) -> None:
-    """Two runs writing one folder would interleave checkpoints: refuse while another is alive."""
-    status = progress.read_status(output) or {}
-    pid = status.get("pid")
-    if status.get("state") not in ("running", "stopping") or not isinstance(pid, int):
-        return
-    if pid == os.getpid():
-        return
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return  # it died (e.g. killed): this run resumes from its last checkpoint
-    except PermissionError:
-        pass  # alive, owned by someone else
-    raise ConfigError(
-        f"another training run (pid {pid}) is still writing to {output}; stop it first "
-        f"(create {output / progress.STOP}) or train into another --output folder"
-    )
-
-
 def _fit_max_length(
     composition: Composition, training: TrainingConfig, *, explicit: bool
 ) -> TrainingConfig:
@@ -416,27 +182,6 @@ def _fit_max_length(
         logger.info("training.max_length lowered to the models' %d positions", min(known))
         return dataclasses.replace(training, max_length=min(known))
     return training
-
-
-def _check_finite(loss: float, grad_norm: float, *, step: int, config: TrainingConfig) -> None:
-    """Stop before a non-finite loss or gradient reaches the bridge (the step is not taken, so
-    the bridge and every checkpoint stay finite)."""
-    import math
-
-    values = (("loss", loss), ("gradient norm", grad_norm))
-    bad = [name for name, v in values if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteError(
-            f"non-finite {' and '.join(bad)} at step {step} (loss {loss}, gradient norm "
-            f"{grad_norm}); the step was not taken. Lower training.lr (now {config.lr:g}), keep "
-            "training.max_grad_norm set, or use float32 (bf16: false); check the data for "
-            "empty or extreme rows"
-        )
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +277,7 @@ def train(
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not processes
     )
     main = accelerator.is_main_process
-    _refuse_a_live_run(output)
+    run_guards.refuse_a_live_run(output)
     stop_path = Path(stop_file) if stop_file is not None else output / progress.STOP
     lock = None
     if main:
@@ -550,8 +295,8 @@ def train(
         run = _Run(accelerator, config, training, data, output, stop_path)
         run.known_identity = known
         with (
-            _log_to_file(output / progress.LOG if main else None),
-            _StopRequest().installed() as stop,
+            run_guards.log_to_file(output / progress.LOG if main else None),
+            run_guards.StopRequest().installed() as stop,
         ):
             try:
                 return run.execute(composition, stop)
@@ -561,10 +306,14 @@ def train(
                 failure = _failure(exc, run, output)
                 reason = str(failure)
                 if failure is exc and not isinstance(exc, ConfigError):
-                    reason = f"{_one_line(exc)}; see {output / progress.LOG} for the traceback"
+                    reason = (
+                        f"{run_guards.one_line(exc)}; see {output / progress.LOG} for the traceback"
+                    )
                 # The caller gets the exception (the CLI prints it in one line); the log file
                 # gets the reason and the traceback.
-                _TRACEBACK.error("training failed: %s\n%s", reason, traceback.format_exc())
+                run_guards.TRACEBACK.error(
+                    "training failed: %s\n%s", reason, traceback.format_exc()
+                )
                 if main and isinstance(exc, identity.RunFolderMismatch):
                     if status_before is not None:  # the folder's own run is not failed
                         (output / progress.STATUS).write_bytes(status_before)
@@ -610,13 +359,15 @@ def _check_writable(output: Path) -> None:
 
 def _failure(exc: BaseException, run: _Run, output: Path) -> BaseException:
     """The exception a failed run ends with; its message is the status's one-line reason."""
-    if _is_out_of_memory(exc):
-        return TrainingFailed(_out_of_memory_reason(run.training, run.step))
-    if isinstance(exc, NonFiniteError):
+    if run_guards.is_out_of_memory(exc):
+        return TrainingFailed(run_guards.out_of_memory_reason(run.training, run.step))
+    if isinstance(exc, run_guards.NonFiniteError):
         return TrainingFailed(f"{exc}; {_resume_hint(output)}")
     if isinstance(exc, KeyboardInterrupt):
         why = str(exc) or "interrupted"
-        return TrainingInterrupted(f"{why}, training ended at once; {_resume_hint(output)}")
+        return run_guards.TrainingInterrupted(
+            f"{why}, training ended at once; {_resume_hint(output)}"
+        )
     if isinstance(exc, ConfigError):
         return exc
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -679,7 +430,7 @@ class _Run:
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         self.accelerator.free_memory()
 
-    def execute(self, composition: Composition | None, stop: _StopRequest) -> Path:
+    def execute(self, composition: Composition | None, stop: run_guards.StopRequest) -> Path:
         accelerator, training, data = self.accelerator, self.training, self.data
         device = accelerator.device
         if self.main:
@@ -747,14 +498,14 @@ class _Run:
         self.model, optimizer, scheduler = accelerator.prepare(composition, optimizer, scheduler)
         model = self.model
 
-        state = RunState(training=training.to_dict())
+        state = checkpoints.RunState(training=training.to_dict())
         found = progress.latest_checkpoint(self.output)
         if found is not None:
             step, folder = found
             try:
-                saved = json.loads((folder / _STATE).read_text(encoding="utf-8"))
-                _check_resumable(saved.get("training", {}), training, folder)
-                state = _load_checkpoint(
+                saved = json.loads((folder / checkpoints.STATE).read_text(encoding="utf-8"))
+                checkpoints.check_resumable(saved.get("training", {}), training, folder)
+                state = checkpoints.load_checkpoint(
                     folder, bridge=bridge, optimizer=optimizer, scheduler=scheduler, device=device
                 )
             except ConfigError:
@@ -762,8 +513,8 @@ class _Run:
             except Exception as exc:  # a damaged file: safetensors, pickle-free torch, JSON
                 raise ConfigError(
                     f"the checkpoint {folder} is damaged ({type(exc).__name__}: "
-                    f"{_one_line(exc).split(': ', 1)[-1]}); delete that folder to resume from "
-                    "the checkpoint before it, or train into a new --output folder"
+                    f"{run_guards.one_line(exc).split(': ', 1)[-1]}); delete that folder to resume "
+                    "from the checkpoint before it, or train into a new --output folder"
                 ) from None
             state.training = training.to_dict()
             self.last_checkpoint = folder
@@ -813,8 +564,8 @@ class _Run:
         scheduler: Any,
         stream: BatchStream,
         split: Any,
-        state: RunState,
-        stop: _StopRequest,
+        state: checkpoints.RunState,
+        stop: run_guards.StopRequest,
         pad_id: int,
     ) -> None:
         accelerator, training = self.accelerator, self.training
@@ -864,7 +615,9 @@ class _Run:
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in params if p.grad is not None]
                 )
-            _check_finite(step_loss, float(grad_norm), step=state.step + 1, config=training)
+            run_guards.check_finite(
+                step_loss, float(grad_norm), step=state.step + 1, config=training
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -898,7 +651,7 @@ class _Run:
                     "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
                     "elapsed_s": round(elapsed, 3),
                     "eta_s": round((max_steps - step) * (now - session_start) / session_steps, 3),
-                    "peak_memory_bytes": _peak_memory_bytes(device),
+                    "peak_memory_bytes": run_guards.peak_memory_bytes(device),
                 }
                 if eval_loss is not None:
                     record["eval_loss"] = eval_loss
@@ -921,15 +674,22 @@ class _Run:
                 self._checkpoint(bridge, optimizer, scheduler, state, session_start)
 
     def _checkpoint(
-        self, bridge: nn.Module, optimizer: Any, scheduler: Any, state: RunState, start: float
+        self,
+        bridge: nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        state: checkpoints.RunState,
+        start: float,
     ) -> Path:
         bad = [n for n, p in bridge.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:  # a checkpoint must never replace a finite one with a non-finite bridge
-            raise NonFiniteError(f"non-finite bridge weights after step {state.step} ({bad[0]})")
+            raise run_guards.NonFiniteError(
+                f"non-finite bridge weights after step {state.step} ({bad[0]})"
+            )
         saved = dataclasses.replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - start)
         folder = self.output / progress.CHECKPOINTS / f"step-{state.step}"
         if self.main:
-            folder = _save_checkpoint(
+            folder = checkpoints.save_checkpoint(
                 self.output,
                 bridge=bridge,
                 optimizer=optimizer,
@@ -948,9 +708,9 @@ class _Run:
         bridge: nn.Module,
         optimizer: Any,
         scheduler: Any,
-        state: RunState,
+        state: checkpoints.RunState,
         start: float,
-        stop: _StopRequest,
+        stop: run_guards.StopRequest,
     ) -> None:
         why = stop.reason or f"{self.stop_path} found"
         logger.warning("stopping at step %d (%s): writing a checkpoint", state.step, why)
