@@ -360,7 +360,7 @@ def _check_writable(output: Path) -> None:
 def _failure(exc: BaseException, run: _Run, output: Path) -> BaseException:
     """The exception a failed run ends with; its message is the status's one-line reason."""
     if run_guards.is_out_of_memory(exc):
-        return TrainingFailed(run_guards.out_of_memory_reason(run.training, run.step))
+        return TrainingFailed(run_guards.out_of_memory_reason(run.training, run.state.step))
     if isinstance(exc, run_guards.NonFiniteError):
         return TrainingFailed(f"{exc}; {_resume_hint(output)}")
     if isinstance(exc, KeyboardInterrupt):
@@ -387,6 +387,14 @@ def _resume_hint(output: Path) -> str:
     return f"run the same command again to resume from {folder} (step {step})"
 
 
+@dataclass
+class _Window:
+    """Tokens seen since the last progress line, and when that window opened (for tokens/s)."""
+
+    start: float
+    tokens: int = 0
+
+
 class _Run:
     """One training session (a driver: all decisions are the pure functions above)."""
 
@@ -406,11 +414,12 @@ class _Run:
         self.output = output
         self.stop_path = stop_path
         self.main = accelerator.is_main_process
-        self.step = 0
+        self.state = checkpoints.RunState()  # the step, data position and loss window
         self.max_steps: int | None = None
         self.last_checkpoint: Path | None = None
         self.composition: Composition | None = None
         self.model: Any = None
+        self.pad_id = 0
         # (identity without weights, the folder's recorded one, has state), read by train()
         self.known_identity: tuple[dict[str, Any], dict[str, Any] | None, bool] | None = None
 
@@ -418,7 +427,7 @@ class _Run:
         progress.write_status(
             self.output,
             state,
-            step=self.step,
+            step=self.state.step,
             max_steps=self.max_steps,
             last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
             **fields,
@@ -498,7 +507,7 @@ class _Run:
         self.model, optimizer, scheduler = accelerator.prepare(composition, optimizer, scheduler)
         model = self.model
 
-        state = checkpoints.RunState(training=training.to_dict())
+        state = self.state = checkpoints.RunState(training=training.to_dict())
         found = progress.latest_checkpoint(self.output)
         if found is not None:
             step, folder = found
@@ -517,13 +526,13 @@ class _Run:
                     "from the checkpoint before it, or train into a new --output folder"
                 ) from None
             state.training = training.to_dict()
+            self.state = state
             self.last_checkpoint = folder
             logger.info("resuming from %s (step %d of %d)", folder, step, max_steps)
             if self.main:
                 progress.truncate_progress(self.output, upto_step=state.step)
         elif self.main:
             (self.output / progress.PROGRESS).unlink(missing_ok=True)
-        self.step = state.step
         if self.main:
             self.stop_path.unlink(missing_ok=True)  # a stale request must not stop the new run
             self.write_status("running")
@@ -546,6 +555,7 @@ class _Run:
             if training.gradient_checkpointing
             else contextlib.nullcontext()
         )
+        self.pad_id = pad_id
         with checkpointing:
             self._loop(model, optimizer, scheduler, stream, split, state, stop, pad_id)
 
@@ -568,17 +578,15 @@ class _Run:
         stop: run_guards.StopRequest,
         pad_id: int,
     ) -> None:
+        """Steps until max_steps: stop requests, one optimizer step, eval, logging, checkpoints."""
         accelerator, training = self.accelerator, self.training
         assert self.composition is not None and self.max_steps is not None
-        bridge, max_steps, device = self.composition.bridge, self.max_steps, accelerator.device
-        rank, world = accelerator.process_index, accelerator.num_processes
-        examples = stream.examples
-        params = [p for p in bridge.parameters() if p.requires_grad]
+        bridge, max_steps = self.composition.bridge, self.max_steps
         session_start, session_steps = time.perf_counter(), 0
         if state.step == 0 and split.eval and state.start_eval_loss is None:
             state.start_eval_loss = self._evaluate(split.eval, pad_id)
             logger.info("eval loss before training (the anchor alone): %.4f", state.start_eval_loss)
-        window_start, window_tokens = time.perf_counter(), 0
+        window = _Window(start=time.perf_counter())
         pacer = Pacer(total=max_steps - state.step)
         pacer.due(0)  # the clock starts now; the first line is due 10 s from here
         model.train()
@@ -587,91 +595,118 @@ class _Run:
                 accelerator.set_trigger()
             if accelerator.check_trigger():
                 self._stop(bridge, optimizer, scheduler, state, session_start, stop)
-            micro = [
-                stream.micro_batch(state.micro_batches + k) for k in range(training.grad_accum)
-            ]
-            total_tokens = sum(loss_tokens(examples[i]) for batch in micro for i in batch)
-            window_tokens += sum(len(examples[i].input_ids) for batch in micro for i in batch)
-            local_sum = torch.zeros((), device=device)
-            for k, indices in enumerate(micro):
-                mine = shard(indices, rank=rank, world_size=world)
-                weight = 1.0
-                if not mine:  # every process must run backward for DDP; this one adds nothing
-                    mine, weight = indices[:1], 0.0
-                batch = collate([examples[i] for i in mine], pad_token_id=pad_id)
-                batch = {name: t.to(device) for name, t in batch.items()}
-                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                sync = k == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    out = model(**batch)
-                    token_sum = out.loss.float() * count * weight  # (), summed over loss tokens
-                    # DDP averages gradients over processes: scale so they add up instead.
-                    accelerator.backward(token_sum * world / max(total_tokens, 1))
-                local_sum += token_sum.detach()
-            step_loss = float(accelerator.reduce(local_sum, reduction="sum")) / max(total_tokens, 1)
-            if training.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
-            run_guards.check_finite(
-                step_loss, float(grad_norm), step=state.step + 1, config=training
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            self.step = state.step
-            state.micro_batches += training.grad_accum
-            state.loss_sum += step_loss
-            state.loss_steps += 1
+            step_loss = self._optimizer_step(model, optimizer, scheduler, stream, state, window)
             session_steps += 1
 
             step = state.step
             last = step == max_steps
             evaluate = last or (training.eval_every and step % training.eval_every == 0)
             eval_loss = self._evaluate(split.eval, pad_id) if evaluate and split.eval else None
-            logged = last or step % training.logging_every == 0 or eval_loss is not None
-            if not logged and self.main and pacer.due(session_steps):
+            if last or step % training.logging_every == 0 or eval_loss is not None:
+                self._log(scheduler, stream, state, window, eval_loss, session_start, session_steps)
+            elif self.main and pacer.due(session_steps):
                 # between logged steps, a line at least every 10 s (progress.jsonl unchanged)
                 left = eta_seconds(session_steps, pacer.total, time.perf_counter() - session_start)
                 logger.info(
                     "step %d/%d loss %.4f ETA %s", step, max_steps, step_loss, format_duration(left)
                 )
-            if logged:
-                now = time.perf_counter()
-                elapsed = state.elapsed_s + now - session_start
-                record = {
-                    "step": step,
-                    "max_steps": max_steps,
-                    "epoch": round(stream.epoch_at(state.micro_batches), 4),
-                    "loss": state.loss_sum / state.loss_steps,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": round(elapsed, 3),
-                    "eta_s": round((max_steps - step) * (now - session_start) / session_steps, 3),
-                    "peak_memory_bytes": run_guards.peak_memory_bytes(device),
-                }
-                if eval_loss is not None:
-                    record["eval_loss"] = eval_loss
-                    record["start_eval_loss"] = state.start_eval_loss
-                if self.main:
-                    progress.append_progress(self.output, record)
-                logger.info(
-                    "step %d/%d loss %.4f%s lr %.2e %.0f tok/s ETA %s",
-                    step,
-                    max_steps,
-                    record["loss"],
-                    f" eval {eval_loss:.4f}" if eval_loss is not None else "",
-                    record["lr"],
-                    record["tokens_per_second"],
-                    format_duration(record["eta_s"]),
-                )
-                state.loss_sum, state.loss_steps = 0.0, 0
-                window_start, window_tokens = time.perf_counter(), 0
             if last or step % training.save_every == 0:
                 self._checkpoint(bridge, optimizer, scheduler, state, session_start)
+
+    def _optimizer_step(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        stream: BatchStream,
+        state: checkpoints.RunState,
+        window: _Window,
+    ) -> float:
+        """One optimizer step over ``grad_accum`` global micro-batches; returns its loss (the mean
+        over every loss token of the global batch, whatever the number of processes)."""
+        accelerator, training, pad_id = self.accelerator, self.training, self.pad_id
+        assert self.composition is not None
+        device, examples = accelerator.device, stream.examples
+        rank, world = accelerator.process_index, accelerator.num_processes
+        params = [p for p in self.composition.bridge.parameters() if p.requires_grad]
+        micro = [stream.micro_batch(state.micro_batches + k) for k in range(training.grad_accum)]
+        total_tokens = sum(loss_tokens(examples[i]) for batch in micro for i in batch)
+        window.tokens += sum(len(examples[i].input_ids) for batch in micro for i in batch)
+        local_sum = torch.zeros((), device=device)
+        for k, indices in enumerate(micro):
+            mine = shard(indices, rank=rank, world_size=world)
+            weight = 1.0
+            if not mine:  # every process must run backward for DDP; this one adds nothing
+                mine, weight = indices[:1], 0.0
+            batch = collate([examples[i] for i in mine], pad_token_id=pad_id)
+            batch = {name: t.to(device) for name, t in batch.items()}
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                out = model(**batch)
+                token_sum = out.loss.float() * count * weight  # (), summed over loss tokens
+                # DDP averages gradients over processes: scale so they add up instead.
+                accelerator.backward(token_sum * world / max(total_tokens, 1))
+            local_sum += token_sum.detach()
+        step_loss = float(accelerator.reduce(local_sum, reduction="sum")) / max(total_tokens, 1)
+        if training.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None]
+            )
+        run_guards.check_finite(step_loss, float(grad_norm), step=state.step + 1, config=training)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.micro_batches += training.grad_accum
+        state.loss_sum += step_loss
+        state.loss_steps += 1
+        return step_loss
+
+    def _log(
+        self,
+        scheduler: Any,
+        stream: BatchStream,
+        state: checkpoints.RunState,
+        window: _Window,
+        eval_loss: float | None,
+        session_start: float,
+        session_steps: int,
+    ) -> None:
+        """A progress.jsonl line and a log line for the steps since the last one."""
+        assert self.max_steps is not None
+        step, max_steps = state.step, self.max_steps
+        now = time.perf_counter()
+        record = {
+            "step": step,
+            "max_steps": max_steps,
+            "epoch": round(stream.epoch_at(state.micro_batches), 4),
+            "loss": state.loss_sum / state.loss_steps,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_second": window.tokens / max(now - window.start, 1e-9),
+            "elapsed_s": round(state.elapsed_s + now - session_start, 3),
+            "eta_s": round((max_steps - step) * (now - session_start) / session_steps, 3),
+            "peak_memory_bytes": run_guards.peak_memory_bytes(self.accelerator.device),
+        }
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+            record["start_eval_loss"] = state.start_eval_loss
+        if self.main:
+            progress.append_progress(self.output, record)
+        logger.info(
+            "step %d/%d loss %.4f%s lr %.2e %.0f tok/s ETA %s",
+            step,
+            max_steps,
+            record["loss"],
+            f" eval {eval_loss:.4f}" if eval_loss is not None else "",
+            record["lr"],
+            record["tokens_per_second"],
+            format_duration(record["eta_s"]),
+        )
+        state.loss_sum, state.loss_steps = 0.0, 0
+        window.start, window.tokens = time.perf_counter(), 0
 
     def _checkpoint(
         self,
