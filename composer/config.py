@@ -28,11 +28,17 @@ class ConfigError(ValueError):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: how a
+    library's error is quoted inside one of ours."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless ``condition``: the one check every config uses."""
     if not condition:
         raise ConfigError(message)
-
 
 
 def is_int(value: Any) -> bool:
@@ -100,9 +106,7 @@ class ModelSpec:
     revision: str | None = setting(
         None, help="Hub revision (branch, tag or commit); ignored for local files"
     )
-    tokenizer: str | None = setting(
-        None, help="Tokenizer source when it is not beside the weights"
-    )
+    tokenizer: str | None = setting(None, help="Tokenizer source when it is not beside the weights")
     trust_remote_code: bool = setting(
         False, help="Run code from the model's repository (off unless you trust it)"
     )
@@ -179,9 +183,7 @@ class BridgeConfig:
                     f"bridge.pairs is {self.pairs!r}; expected a list of [anchor_layer, "
                     "specialist_layer] pairs of 0-based layer indices, e.g. [[3, 1], [7, 3]]"
                 ) from None
-            require(
-                len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out"
-            )
+            require(len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out")
             for a, s in pairs:
                 require(
                     a >= 0 and s >= 0,

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from composer.atomic import write_folder_atomically
-from composer.config import ConfigError
+from composer.config import ConfigError, first_line
 from composer.identity import model_identity
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # SafetensorError, OSError, or a header that is not JSON
         raise ConfigError(
             f"{path} is not a readable safetensors file ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); it is "
+            f"{first_line(exc)}); it is "
             "truncated or damaged: copy it again, or save or train the bridge again"
         ) from None
 

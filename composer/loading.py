@@ -23,7 +23,7 @@ from composer.architectures import model_shape
 from composer.bridge import Bridge, BridgeShape
 from composer.cache import cache_root
 from composer.composition import Composition, check_shared_vocabulary, compose, freeze
-from composer.config import CompositionConfig, ConfigError, ModelSpec, read_recipe
+from composer.config import CompositionConfig, ConfigError, ModelSpec, first_line, read_recipe
 from composer.export import (
     CONFIG,
     WEIGHTS,
@@ -214,7 +214,7 @@ def _unreadable(spec: ModelSpec, what: str, exc: BaseException) -> ConfigError:
     kind = "GGUF file" if spec.is_gguf else "model folder"
     return ConfigError(
         f"could not read the {what} of {spec.model!r}: the {kind} is malformed or truncated "
-        f"({type(exc).__name__}: {_first_line(exc)}); download or convert it again"
+        f"({type(exc).__name__}: {first_line(exc)}); download or convert it again"
     )
 
 
@@ -232,7 +232,7 @@ def load_config(spec: ModelSpec, location: Location | None = None) -> Any:
         if spec.is_gguf:  # the file exists (locate checked): it cannot be parsed
             raise _unreadable(spec, "config", exc) from None
         raise ConfigError(
-            f"could not read the config of {spec.model!r}: {_first_line(exc)}"
+            f"could not read the config of {spec.model!r}: {first_line(exc)}"
         ) from None
     except _UNREADABLE as exc:
         raise _unreadable(spec, "config", exc) from None
@@ -252,7 +252,7 @@ def load_tokenizer(spec: ModelSpec, location: Location | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
-            f"could not load a tokenizer for {spec.model!r} from {source}: {_first_line(exc)}; "
+            f"could not load a tokenizer for {spec.model!r} from {source}: {first_line(exc)}; "
             "set 'tokenizer:' in the model's section to a folder or hub id that has one"
         ) from None
     except (*_UNREADABLE, Exception) as exc:  # the tokenizers library raises bare Exception
@@ -293,7 +293,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(weights.folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ConfigError(f"could not load model {spec.model!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"could not load model {spec.model!r}: {first_line(exc)}") from None
     except (*_UNREADABLE, Exception) as exc:  # e.g. SafetensorError from a cut weights file
         raise _unreadable(spec, "weights", exc) from None
     tokenizer = None
@@ -452,8 +452,3 @@ def load_bridge(
     return Composition(
         anchor_model, specialist_model, bridge, tokenizer=tokenizer, recipe=recipe, sources=sources
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

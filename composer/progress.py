@@ -51,6 +51,19 @@ PROGRESS_KEYS = (
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 
+def pid_alive(pid: Any) -> bool:
+    """Whether a process with this id (a status file's ``pid``) is alive, as far as we can tell."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
 def write_status(output_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
     """Replace status.json with ``state``, this process id, the time and ``fields``."""
     assert state in STATES, state

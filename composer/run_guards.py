@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from composer import progress
-from composer.config import ConfigError
+from composer.config import ConfigError, first_line
 from composer.training_config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -129,14 +129,8 @@ def refuse_a_live_run(output: Path) -> None:
     pid = status.get("pid")
     if status.get("state") not in ("running", "stopping") or not isinstance(pid, int):
         return
-    if pid == os.getpid():
-        return
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return  # it died (e.g. killed): this run resumes from its last checkpoint
-    except PermissionError:
-        pass  # alive, owned by someone else
+    if pid == os.getpid() or not progress.pid_alive(pid):
+        return  # this process, or one that died (e.g. killed): this run resumes from its checkpoint
     raise ConfigError(
         f"another training run (pid {pid}) is still writing to {output}; stop it first "
         f"(create {output / progress.STOP}) or train into another --output folder"
@@ -158,5 +152,6 @@ def check_finite(loss: float, grad_norm: float, *, step: int, config: TrainingCo
 
 
 def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    """``Type: first line`` of an exception, for a failed run's status."""
+    first = first_line(exc)
+    return first if first == type(exc).__name__ else f"{type(exc).__name__}: {first}"

@@ -54,9 +54,7 @@ class TrainingConfig:
     schedule: str = setting(
         "cosine", help="Learning-rate decay after warmup: cosine, linear or constant"
     )
-    max_grad_norm: float | None = setting(
-        1.0, help="Gradient clipping; null or 0 turns it off"
-    )
+    max_grad_norm: float | None = setting(1.0, help="Gradient clipping; null or 0 turns it off")
     max_length: int = setting(
         512, help="Tokens per example; longer ones are cut (keeping the start)"
     )

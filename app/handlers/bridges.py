@@ -18,7 +18,7 @@ from app.handlers.chat import NEW_BRIDGE, describe_loaded, require_loaded
 from app.handlers.runs import list_runs
 from app.session import Session
 from composer import progress
-from composer.config import ConfigError
+from composer.config import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def push_to_hub(session: Session, *, folder: str | None, repo_id: str, private: 
             repo_id=repo_id, folder_path=str(source), commit_message="Upload CALM bridge"
         )
     except Exception as exc:  # network, permissions, rate limits: a message, not a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(
             f"could not push to {repo_id} ({type(exc).__name__}: {first}); check the network "
             "and that the token may write to that repository"

@@ -213,7 +213,7 @@ def _resume(session: Session, name: str) -> str:
     status = progress.read_status(folder) or {}
     if status.get("state") == "finished":
         raise ConfigError(f"run {name!r} has finished; its bridge is in {folder / progress.BRIDGE}")
-    if status.get("state") in ("running", "stopping") and _pid_alive(status.get("pid")):
+    if status.get("state") in ("running", "stopping") and progress.pid_alive(status.get("pid")):
         raise ConfigError(f"run {name!r} is still running (pid {status.get('pid')})")
     _launch(session, name)
     return name
@@ -297,21 +297,9 @@ def stop_training(session: Session, run_name: str) -> str:
                 process.terminate()
         else:  # a run started by an earlier app
             pid = (progress.read_status(folder) or {}).get("pid")
-            if _pid_alive(pid):
+            if progress.pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
     return name
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -355,7 +343,8 @@ def run_view(session: Session, run_name: str | None, *, log_lines: int = 20) -> 
         if process is None:
             view.state = "none"
     elif view.state in ("running", "stopping"):
-        gone = exit_code is not None if process is not None else not _pid_alive(status.get("pid"))
+        alive = progress.pid_alive(status.get("pid"))
+        gone = exit_code is not None if process is not None else not alive
     else:
         gone = False
     if gone and run_name in session.stopping:  # stopped while loading, before its first step
