@@ -522,3 +522,18 @@ def test_nothing_loaded_is_a_clear_error(session):
         bridges.save_bridge(session)
     with pytest.raises(ConfigError, match="no models are loaded"):
         list(chat.stream_reply(session, [{"role": "user", "content": "x"}], chat.ChatSettings()))
+
+
+def test_the_chat_controls_start_at_the_recipes_generation_settings(session):
+    from composer.config import GenerationConfig
+
+    before = dict(session.recipe)
+    try:
+        session.recipe = {**before, "generation": {"max_new_tokens": 7, "temperature": 0.5}}
+        start = chat.decoding_defaults(session)
+        assert (start.max_new_tokens, start.temperature) == (7, 0.5)
+        session.recipe = {**before, "generation": {"max_new_tokens": -3}}
+        assert chat.decoding_defaults(session) == GenerationConfig()  # a bad section: defaults
+        assert chat.ChatSettings().generation() == GenerationConfig()  # one set of defaults
+    finally:
+        session.recipe = before

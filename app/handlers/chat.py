@@ -101,15 +101,27 @@ def require_loaded(session: Session) -> Any:
 # Chat
 
 
+def decoding_defaults(session: Session) -> GenerationConfig:
+    """What the Chat tab's controls start at: the recipe's ``generation`` section (a preset's
+    own settings), else the library's defaults."""
+    try:
+        return GenerationConfig(**dict(session.recipe.get("generation") or {}))
+    except (ConfigError, TypeError):
+        return GenerationConfig()
+
+
 @dataclass(frozen=True)
 class ChatSettings:
+    """The Chat tab's values as they arrive (checked by :meth:`generation`); defaults are the
+    library's (:class:`composer.config.GenerationConfig`)."""
+
     system_prompt: str = ""
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    do_sample: bool = GenerationConfig.do_sample
+    temperature: float = GenerationConfig.temperature
+    top_p: float = GenerationConfig.top_p
+    top_k: int = GenerationConfig.top_k
+    repetition_penalty: float = GenerationConfig.repetition_penalty
     bridge: bool = True  # False: the anchor alone
 
     def generation(self) -> GenerationConfig:

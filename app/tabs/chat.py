@@ -63,19 +63,36 @@ def build(session: Session) -> SimpleNamespace:
             bridge_on = gr.Checkbox(
                 label="Bridge on (off: the anchor alone)", value=True, elem_id="bridge-on"
             )
+            start = chat.decoding_defaults(session)  # the recipe's generation section
             max_new = gr.Slider(
-                1, 1024, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                1,
+                1024,
+                value=start.max_new_tokens,
+                step=1,
+                label="Max new tokens",
+                elem_id="max-new-tokens",
             )
-            sample = gr.Checkbox(label="Sample (off: greedy)", value=False, elem_id="do-sample")
+            sample = gr.Checkbox(
+                label="Sample (off: greedy)", value=start.do_sample, elem_id="do-sample"
+            )
             temperature = gr.Slider(
-                0.05, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
+                0.05,
+                2.0,
+                value=start.temperature,
+                step=0.05,
+                label="Temperature",
+                elem_id="temperature",
             )
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
+            top_p = gr.Slider(
+                0.05, 1.0, value=start.top_p, step=0.05, label="Top-p", elem_id="top-p"
+            )
+            top_k = gr.Slider(
+                0, 200, value=start.top_k, step=1, label="Top-k (0: off)", elem_id="top-k"
+            )
             penalty = gr.Slider(
                 1.0,
                 2.0,
-                value=1.0,
+                value=start.repetition_penalty,
                 step=0.05,
                 label="Repetition penalty",
                 elem_id="repetition-penalty",
