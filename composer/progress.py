@@ -16,6 +16,7 @@ is appended to; a torn last line is dropped when a run resumes.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -36,7 +37,21 @@ LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 BRIDGE = "bridge"
 STOP = "STOP"
-STATES = ("running", "stopping", "stopped", "finished", "failed")
+
+
+class RunStatus(str, enum.Enum):
+    """A run's ``state`` in status.json (a str: it is written and compared as its value)."""
+
+    RUNNING = "running"
+    STOPPING = "stopping"  # a stop was asked: the checkpoint is being written
+    STOPPED = "stopped"  # resumable from its last checkpoint
+    FINISHED = "finished"  # the bridge folder is written
+    FAILED = "failed"  # with a one-line reason
+
+
+STATES = tuple(s.value for s in RunStatus)
+LIVE = (RunStatus.RUNNING, RunStatus.STOPPING)  # a process should be writing the folder
+ENDED = (RunStatus.STOPPED, RunStatus.FINISHED, RunStatus.FAILED)
 PROGRESS_KEYS = (
     "step",
     "max_steps",
@@ -64,10 +79,14 @@ def pid_alive(pid: Any) -> bool:
     return True
 
 
-def write_status(output_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
+def write_status(output_dir: Path, state: RunStatus, **fields: Any) -> dict[str, Any]:
     """Replace status.json with ``state``, this process id, the time and ``fields``."""
-    assert state in STATES, state
-    status = {"state": state, "pid": os.getpid(), "updated_at": time.time(), **fields}
+    status = {
+        "state": RunStatus(state).value,
+        "pid": os.getpid(),
+        "updated_at": time.time(),
+        **fields,
+    }
     write_json_atomically(Path(output_dir) / STATUS, status)
     return status
 

@@ -127,7 +127,7 @@ def refuse_a_live_run(output: Path) -> None:
     """Two runs writing one folder would interleave checkpoints: refuse while another is alive."""
     status = progress.read_status(output) or {}
     pid = status.get("pid")
-    if status.get("state") not in ("running", "stopping") or not isinstance(pid, int):
+    if status.get("state") not in progress.LIVE or not isinstance(pid, int):
         return
     if pid == os.getpid() or not progress.pid_alive(pid):
         return  # this process, or one that died (e.g. killed): this run resumes from its checkpoint

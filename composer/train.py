@@ -319,7 +319,7 @@ def train(
                         (output / progress.STATUS).write_bytes(status_before)
                 elif main:
                     with contextlib.suppress(OSError):
-                        run.write_status("failed", reason=reason)
+                        run.write_status(progress.RunStatus.FAILED, reason=reason)
                 if failure is exc:
                     raise
                 raise failure from exc
@@ -423,7 +423,7 @@ class _Run:
         # (identity without weights, the folder's recorded one, has state), read by train()
         self.known_identity: tuple[dict[str, Any], dict[str, Any] | None, bool] | None = None
 
-    def write_status(self, state: str, **fields: Any) -> None:
+    def write_status(self, state: progress.RunStatus, **fields: Any) -> None:
         progress.write_status(
             self.output,
             state,
@@ -443,7 +443,7 @@ class _Run:
         accelerator, training, data = self.accelerator, self.training, self.data
         device = accelerator.device
         if self.main:
-            self.write_status("running")
+            self.write_status(progress.RunStatus.RUNNING)
         train_path = data.require_train()
         run_identity, saved_identity, has_state = self.known_identity or _run_identity(
             self.output, self.config, training, data
@@ -535,7 +535,7 @@ class _Run:
             (self.output / progress.PROGRESS).unlink(missing_ok=True)
         if self.main:
             self.stop_path.unlink(missing_ok=True)  # a stale request must not stop the new run
-            self.write_status("running")
+            self.write_status(progress.RunStatus.RUNNING)
         accelerator.wait_for_everyone()
 
         logger.info(
@@ -562,7 +562,7 @@ class _Run:
         if self.main:
             bridge_dir = self.output / progress.BRIDGE
             composition.save_bridge(str(bridge_dir))
-            self.write_status("finished", bridge=str(bridge_dir))
+            self.write_status(progress.RunStatus.FINISHED, bridge=str(bridge_dir))
         accelerator.wait_for_everyone()
         logger.info("finished: bridge in %s", self.output / progress.BRIDGE)
         return self.output / progress.BRIDGE
@@ -733,7 +733,7 @@ class _Run:
                 keep=self.training.keep_checkpoints,
             )
             self.last_checkpoint = folder
-            self.write_status("running")
+            self.write_status(progress.RunStatus.RUNNING)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = folder
         return folder
@@ -750,11 +750,13 @@ class _Run:
         why = stop.reason or f"{self.stop_path} found"
         logger.warning("stopping at step %d (%s): writing a checkpoint", state.step, why)
         if self.main:
-            self.write_status("stopping")
+            self.write_status(progress.RunStatus.STOPPING)
         folder = self._checkpoint(bridge, optimizer, scheduler, state, start)
         if self.main:
             self.stop_path.unlink(missing_ok=True)
-            self.write_status("stopped", reason=f"stopped at step {state.step} ({why})")
+            self.write_status(
+                progress.RunStatus.STOPPED, reason=f"stopped at step {state.step} ({why})"
+            )
         raise TrainingStopped(state.step, folder)
 
     @torch.no_grad()

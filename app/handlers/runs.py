@@ -26,6 +26,7 @@ from composer.config import CompositionConfig, ConfigError
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
+STARTING = "starting"  # a run the app launched that has not written its status yet
 CONSOLE_LOG = "console.log"  # the training process's stdout and stderr
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
@@ -211,9 +212,9 @@ def _resume(session: Session, name: str) -> str:
     if busy is not None:
         raise ConfigError(f"run {busy!r} is still training; stop it before resuming another")
     status = progress.read_status(folder) or {}
-    if status.get("state") == "finished":
+    if status.get("state") == progress.RunStatus.FINISHED:
         raise ConfigError(f"run {name!r} has finished; its bridge is in {folder / progress.BRIDGE}")
-    if status.get("state") in ("running", "stopping") and progress.pid_alive(status.get("pid")):
+    if status.get("state") in progress.LIVE and progress.pid_alive(status.get("pid")):
         raise ConfigError(f"run {name!r} is still running (pid {status.get('pid')})")
     _launch(session, name)
     return name
@@ -227,7 +228,7 @@ def _busy_run(session: Session, *, grace_s: float = 15.0) -> str | None:
         return None
     name, process = busy
     state = (progress.read_status(session.runs_dir / name) or {}).get("state")
-    if state in ("stopped", "finished", "failed"):
+    if state in progress.ENDED:
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -286,7 +287,7 @@ def stop_training(session: Session, run_name: str) -> str:
     if not folder.is_dir():
         raise ConfigError(f"there is no run {name!r} in {session.runs_dir}")
     view = run_view(session, name)
-    if view.state not in ("starting", "running", "stopping"):
+    if view.state not in (STARTING, *progress.LIVE):
         raise ConfigError(f"run {name!r} is not running (it is {view.state})")
     (folder / progress.STOP).touch()
     if name not in session.stopping:
@@ -337,33 +338,33 @@ def run_view(session: Session, run_name: str | None, *, log_lines: int = 20) -> 
     records = progress.read_progress(folder)
     process = session.processes.get(run_name)
     exit_code = process.poll() if process is not None else None
-    view = RunView(name=run_name, state=(status or {}).get("state", "starting"), records=records)
+    view = RunView(name=run_name, state=(status or {}).get("state", STARTING), records=records)
     if status is None:
         gone = process is not None and exit_code is not None
         if process is None:
             view.state = "none"
-    elif view.state in ("running", "stopping"):
+    elif view.state in progress.LIVE:
         alive = progress.pid_alive(status.get("pid"))
         gone = exit_code is not None if process is not None else not alive
     else:
         gone = False
     if gone and run_name in session.stopping:  # stopped while loading, before its first step
-        view.state = "stopped"
+        view.state = progress.RunStatus.STOPPED.value
         view.reason = "stopped before its first step; press Resume to start it again"
     elif gone:  # the process ended without saying so: it crashed or was killed
-        view.state = "failed"
+        view.state = progress.RunStatus.FAILED.value
         view.reason = _exit_reason(folder, exit_code)
     if status:
         view.reason = view.reason or status.get("reason") or ""
         view.step = int(status.get("step") or 0)
         view.max_steps = status.get("max_steps")
-        if status.get("state") == "finished":
+        if status.get("state") == progress.RunStatus.FINISHED:
             view.bridge = status.get("bridge") or str(folder / progress.BRIDGE)
     if records:
         last = records[-1]
         view.step = max(view.step, int(last.get("step", 0)))
         view.max_steps = view.max_steps or last.get("max_steps")
-        view.eta_s = last.get("eta_s") if view.state in ("running", "stopping") else 0.0
+        view.eta_s = last.get("eta_s") if view.state in progress.LIVE else 0.0
         view.elapsed_s = last.get("elapsed_s")
         view.tokens_per_second = last.get("tokens_per_second")
         view.peak_memory_bytes = last.get("peak_memory_bytes")

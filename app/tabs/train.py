@@ -16,8 +16,9 @@ import pandas as pd
 from app.handlers import runs
 from app.session import Session
 from app.ui import guard
+from composer import progress
 
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = (runs.STARTING, *(s.value for s in progress.LIVE))  # the run is (about to be) writing
 
 
 def build(session: Session, *, poll_seconds: float = 1.0) -> SimpleNamespace:

@@ -408,13 +408,13 @@ def _inputs(recipe: dict) -> dict[str, Any]:
 def _finished_bridge(recipe: dict, out: Path) -> Path | None:
     """The bridge a finished earlier run left in ``out`` when it was made from the same inputs
     (recipe, data and model contents); else None."""
-    from composer.progress import read_status
+    from composer.progress import RunStatus, read_status
 
     try:
         saved = json.loads((out / _INPUTS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    finished = (read_status(out) or {}).get("state") == "finished"
+    finished = (read_status(out) or {}).get("state") == RunStatus.FINISHED
     return out / "bridge" if finished and saved == _inputs(recipe) else None
 
 
