@@ -6,6 +6,7 @@ User mistakes (ConfigError) print one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -52,7 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from composer.generate import chat_input_ids
+    from composer.generate import chat_input_ids, text_input_ids
     from composer.loading import load_composition
 
     recipe = read_recipe(args.recipe)
@@ -66,22 +67,25 @@ def _generate(args: argparse.Namespace) -> int:
             tokenizer, [{"role": "user", "content": args.prompt}], system_prompt=args.system
         )
     else:
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        input_ids = text_input_ids(tokenizer, args.prompt)  # as training reads a text row
     settings = recipe.generation
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     sample = settings.do_sample if args.temperature is None else args.temperature > 0
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
-        do_sample=sample,
-        temperature=args.temperature if sample and args.temperature else settings.temperature,
-        top_p=args.top_p or settings.top_p,
-        top_k=settings.top_k if args.top_k is None else args.top_k,
-        repetition_penalty=args.repetition_penalty or settings.repetition_penalty,
-        stop_strings=tuple(args.stop or settings.stop),
-        streamer=streamer,
-        generator=generator,
-    )
+    overrides = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": sample,
+        "temperature": args.temperature if sample and args.temperature else None,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": tuple(args.stop) if args.stop else None,
+    }
+    settings = dataclasses.replace(
+        settings, **{k: v for k, v in overrides.items() if v is not None}
+    )  # validated again: a bad flag is named like a bad recipe value
+    kwargs = settings.generate_kwargs()
+    kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.seed is not None:
+        kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     if args.no_bridge:
         with composition.bridge_off():
@@ -116,9 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_prompt_length(recipe: Any, prompt: str) -> None:
     """Refuse a prompt far beyond the anchor's context before loading or tokenizing anything."""
+    from composer.architectures import positions_of
     from composer.limits import check_prompt_chars
     from composer.loading import load_config
-    from composer.architectures import positions_of
 
     check_prompt_chars(prompt, positions=positions_of(load_config(recipe.anchor)))
 

@@ -240,6 +240,19 @@ class GenerationConfig:
         )
         object.__setattr__(self, "stop", tuple(self.stop))
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """These settings as ``Composition.generate``'s keyword arguments (the one place they
+        are spelled out: the CLI, the app and the server all pass them this way)."""
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop_strings=self.stop,
+        )
+
 
 _SECTIONS_KEPT_RAW = ("training", "data", "hardware")
 

@@ -160,8 +160,9 @@ class Decoding:
     seed: int | None
 
     def kwargs(self) -> dict[str, Any]:
-        """Arguments for ``Composition.generate`` (without streamer and generator)."""
-        return dict(
+        """Arguments for ``Composition.generate`` (without streamer and generator; stop strings
+        are this module's to apply to the text, see :func:`cut_at_stop`)."""
+        settings = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             temperature=self.temperature,
@@ -169,6 +170,7 @@ class Decoding:
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
         )
+        return settings.generate_kwargs()
 
 
 def plan_decoding(
@@ -235,8 +237,8 @@ def plan_decoding(
         stop=stop_strings(request.stop) if request.stop is not None else tuple(defaults.stop),
         seed=request.seed,
     )
-    try:  # the library's own checks, with its messages
-        GenerationConfig(**decoding.kwargs(), stop=decoding.stop)
+    try:  # the library's own checks (GenerationConfig), with its messages
+        decoding.kwargs()
     except ConfigError as exc:
         raise APIError(400, str(exc)) from None
     return decoding

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from composer.cli import main
+from composer.generate import text_input_ids
 from composer.loading import load_composition
 from tests.conftest import pico_llama, pico_qwen2, randomize_bridge
 
@@ -53,7 +54,7 @@ def test_generate_streams_the_composed_reply(recipe, tmp_path, capsys):
     randomize_bridge(composition, scale=0.3)
     composition.save_bridge(tmp_path / "bridge")
     prompt = "ab+c="
-    ids = composition.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = text_input_ids(composition.tokenizer, prompt)  # BOS first, as training reads text
     expected = composition.tokenizer.decode(
         composition.generate(ids, max_new_tokens=8)[0], skip_special_tokens=True
     )

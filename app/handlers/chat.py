@@ -260,17 +260,6 @@ def _stream(
         on_done(streamer.new_tokens, time.perf_counter() - started)
 
 
-def _decode_kwargs(settings: GenerationConfig) -> dict[str, Any]:
-    return dict(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        repetition_penalty=settings.repetition_penalty,
-    )
-
-
 def stream_reply(
     session: Session,
     messages: Sequence[Mapping[str, str]],
@@ -296,7 +285,7 @@ def stream_reply(
         text = settings.system_prompt + "".join(m["content"] for m in messages)
         check_prompt_chars(text, positions=positions)
         input_ids = prompt_ids(tokenizer, messages, settings.system_prompt)
-        kwargs = _decode_kwargs(generation)
+        kwargs = generation.generate_kwargs()
         kwargs["max_new_tokens"] = fit_new_tokens(
             input_ids.shape[-1], kwargs["max_new_tokens"], positions=positions
         )
