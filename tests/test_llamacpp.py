@@ -450,3 +450,25 @@ def gguf_free_tokenizer():
     from composer.chartok import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+@pytest.mark.slow
+def test_the_cli_generates_with_the_llama_cpp_engine(engines, tmp_path, capsys):
+    import yaml
+
+    from composer.cli import main
+
+    _, on_llama, folder = engines
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((folder / "composition.yaml").read_text())
+    prompt = "The river wound through"
+    ids = on_llama.tokenizer(prompt, return_tensors="pt").input_ids
+    expected = on_llama.tokenizer.decode(
+        on_llama.generate(ids, max_new_tokens=6)[0], skip_special_tokens=True
+    )
+    argv = ["generate", str(recipe), "--bridge", str(folder), "--prompt", prompt]
+    assert main([*argv, "--engine", "llama.cpp", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == expected.strip()
+    assert "[llama.cpp: " in out.err and "tokens/s]" in out.err
+    assert yaml.safe_load(recipe.read_text())["anchor"]["model"].endswith(".gguf")
