@@ -507,10 +507,12 @@ def load_llamacpp_composition(
     if bridge is not None:
         loaded_bridge = _read_bridge(bridge, configs, sources, tokenizer)
     else:
-        if seed is not None:
-            torch.manual_seed(seed)  # the same new bridge as the torch engine's for a seed
         shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
-        loaded_bridge = Bridge(shape, dtype=config.bridge.dtype)
+        # the same new bridge as the torch engine's for a seed, the caller's generator untouched
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            loaded_bridge = Bridge(shape, dtype=config.bridge.dtype)
     loaded_bridge.requires_grad_(False)
     loaded_bridge.eval()
     models = {

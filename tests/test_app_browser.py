@@ -45,17 +45,24 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
+    """One Playwright and one Chromium for the module: the sync API allows one running at once."""
     playwright_api = pytest.importorskip("playwright.sync_api")
     executable = _chromium()
     with playwright_api.sync_playwright() as playwright:
         playwright.selectors.set_test_id_attribute("id")  # get_by_test_id finds elem_id
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        page.goto(served.local_url)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(served.local_url)
+    yield page
+    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -182,38 +189,36 @@ def fresh_default_app(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_fresh_app_composes_held_out_keys_with_the_shipped_bridge(fresh_default_app, shots):
+def test_a_fresh_app_composes_held_out_keys_with_the_shipped_bridge(
+    fresh_default_app, browser, shots
+):
     playwright_api = pytest.importorskip("playwright.sync_api")
     expect = playwright_api.expect
-    executable = _chromium()
     prompt, answer = next(iter(HELD_OUT.items()))
-    with playwright_api.sync_playwright() as playwright:
-        playwright.selectors.set_test_id_attribute("id")
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(fresh_default_app.local_url)
-        page.get_by_role("tab", name="Chat").click()
-        # The shipped bridge is already chosen; no run exists.
-        expect(field(page, "chat-bridge")).to_have_value("shipped kv-arithmetic (trained)")
-        assert not fresh_default_app.calm_session.runs_dir.exists() or not any(
-            fresh_default_app.calm_session.runs_dir.iterdir()
-        )
-        # One click puts a held-out example in the message box.
-        examples = page.get_by_test_id("chat-examples")
-        first = examples.locator("button").first
-        clicked = first.inner_text().strip()
-        first.click()
-        wait_until(lambda: field(page, "chat-input").input_value() == clicked, what="example")
-        # The three-way compare on a held-out ab+cde= expression.
-        field(page, "chat-input").fill(prompt)
-        page.get_by_text("Compare: the same prompt, three ways").click()
-        page.get_by_test_id("compare").click()
-        composed = field(page, "compare-composition")
-        wait_until(lambda: answer in composed.input_value(), timeout=180, what="the composition")
-        anchor = field(page, "compare-anchor").input_value()
-        specialist = field(page, "compare-specialist").input_value()
-        assert answer not in anchor and answer not in specialist, (anchor, specialist)
-        assert composed.input_value().strip().startswith(answer)
-        page.screenshot(path=str(shots / "chat-shipped-bridge.png"), full_page=True)
-        browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(fresh_default_app.local_url)
+    page.get_by_role("tab", name="Chat").click()
+    # The shipped bridge is already chosen; no run exists.
+    expect(field(page, "chat-bridge")).to_have_value("shipped kv-arithmetic (trained)")
+    assert not fresh_default_app.calm_session.runs_dir.exists() or not any(
+        fresh_default_app.calm_session.runs_dir.iterdir()
+    )
+    # One click puts a held-out example in the message box.
+    examples = page.get_by_test_id("chat-examples")
+    first = examples.locator("button").first
+    clicked = first.inner_text().strip()
+    first.click()
+    wait_until(lambda: field(page, "chat-input").input_value() == clicked, what="example")
+    # The three-way compare on a held-out ab+cde= expression.
+    field(page, "chat-input").fill(prompt)
+    page.get_by_text("Compare: the same prompt, three ways").click()
+    page.get_by_test_id("compare").click()
+    composed = field(page, "compare-composition")
+    wait_until(lambda: answer in composed.input_value(), timeout=180, what="the composition")
+    anchor = field(page, "compare-anchor").input_value()
+    specialist = field(page, "compare-specialist").input_value()
+    assert answer not in anchor and answer not in specialist, (anchor, specialist)
+    assert composed.input_value().strip().startswith(answer)
+    page.screenshot(path=str(shots / "chat-shipped-bridge.png"), full_page=True)
+    page.close()
