@@ -13,6 +13,10 @@ batch, as in torch); each new token is one specialist step, one anchor step and 
 cross-attention read per block against per-block caches of specialist keys/values. Sampling,
 stop strings, EOS and streaming reuse that module's logits processors and transformers' stopping
 criteria and streamer protocol. llama.cpp has no backward pass: this engine cannot train.
+
+Why one module of ~650 lines: one engine's whole decode path (loading both GGUF models and a
+bridge, batched ingestion, co-decoding, the bridge's per-block caches) shares the callback's state
+step by step; the llama.cpp model wrapper itself is :mod:`composer.llamacpp_model`.
 """
 
 from __future__ import annotations

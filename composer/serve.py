@@ -8,6 +8,9 @@ One model, many clients: every request becomes a job on one FIFO queue that a si
 thread decodes, so the model never runs two generations at once. The job's streamer raises as
 soon as its client has gone (a disconnect seen while sending, or while waiting), which ends the
 decoding within one token and frees the worker for the next job.
+
+Why one module of ~630 lines: the worker, the FastAPI routes and the runners of one server
+change together; what the OpenAI API asks and answers (pure) is :mod:`composer.openai_api`.
 """
 
 from __future__ import annotations

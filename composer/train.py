@@ -11,6 +11,10 @@ step is the mean over every loss token of its global batch, whatever the number 
 micro-batches, so 1 and N processes compute the same gradients.
 
 Files written: see :mod:`composer.progress`.
+
+Why one module of ~800 lines: it is the run's driver (``train`` and ``_Run``), read top to
+bottom as one story; its pure decisions sit at the top, and checkpoint I/O
+(:mod:`composer.checkpoints`) and the run's guards (:mod:`composer.run_guards`) live apart.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
   specialist as encoder    CALM (KV-SUBS data) whose bridge reads the prompt's states only
   LoRA                     LoRA on the anchor with about as many parameters, same data
+
+Why one module of ~630 lines: it is the experiment's harness, one driver per column, with the
+task's data rules in :mod:`composer.repro.kv_data` and model pre-training in
+:mod:`composer.repro.pretrain`.
 """
 
 from __future__ import annotations
