@@ -457,12 +457,13 @@ def test_the_cli_generates_with_the_llama_cpp_engine(engines, tmp_path, capsys):
     import yaml
 
     from composer.cli import main
+    from composer.generate import text_input_ids
 
     _, on_llama, folder = engines
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((folder / "composition.yaml").read_text())
     prompt = "The river wound through"
-    ids = on_llama.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = text_input_ids(on_llama.tokenizer, prompt)  # the CLI reads a prompt as training does
     expected = on_llama.tokenizer.decode(
         on_llama.generate(ids, max_new_tokens=6)[0], skip_special_tokens=True
     )
