@@ -1,12 +1,20 @@
-"""Which specialist positions each anchor position may read (pure functions).
+"""Which specialist positions each anchor position may read.
 
-Both models read the same token sequence (shared tokenizer), so positions line up one to one.
+Shared tokenizer: both models read the same token sequence, so positions line up one to one.
 Anchor position t predicts token t+1; the specialist's state at t+1 has already seen token t+1,
 so reading it would leak the label. Hence the causal rule: anchor position t reads specialist
 positions s <= t, and never a padding position.
+
+Two tokenizers: the models read the same *text*, aligned by characters (the rule is written out
+above ``start_ids`` below, and in docs/ALIGNMENT.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -37,3 +45,204 @@ def visibility_mask(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) positions that count only real tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --- Two tokenizers: anchor and specialist aligned by characters ------------------------------
+#
+# The rule. Both models read the same text, each through its own tokenizer. The anchor's text is
+# what its tokens decode to (special tokens decode to nothing, so chat markers and BOS are the
+# anchor's alone; a byte-level token that ends inside a UTF-8 character adds no text until the
+# character is complete). The specialist reads that text as a sequence of *committed* tokens,
+# built anchor position by anchor position with one recursion, the same in training and in
+# decoding:
+#
+#   at anchor position t, with the anchor's text final up to character e_t and the specialist's
+#   committed tokens covering characters [0, c): tokenize text[c:e_t] with the specialist's
+#   tokenizer and commit every token before its last pre-token (the last word may still grow
+#   with the text that follows; a tokenizer without a pre-tokenizer holds back its last token),
+#   cut back further to the last clean boundary (a token ending at or before the next token's
+#   start, so a byte token inside a character is never split from its character); c moves to
+#   the end of the last committed token.
+#
+# Holding back a whole word, not just a token, keeps the specialist's tokenization the natural
+# one for complete words (BPE never merges across pre-tokens), so it reads "Ġriver" and not
+# "Ġr" "iv" "er" while the anchor spells the word out one token at a time.
+#
+# So every specialist token anchor position t reads ends at or before the end of anchor token t's
+# text: no position ever sees a character beyond its own token (no label leak), and tokens once
+# committed never change (the specialist's KV cache stays exact). A specialist token straddling
+# the end of anchor token t's text is not committed at t; it is at the first later position whose
+# text extends past it. The specialist's own start tokens (its BOS, when its tokenizer adds one)
+# are committed at the row's first anchor token. Padding commits nothing.
+
+
+def start_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens a tokenizer puts before any text (its BOS, or nothing), pure."""
+    with_special = list(tokenizer("a").input_ids)
+    plain = list(tokenizer("a", add_special_tokens=False).input_ids)
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return tuple(with_special[:i])
+    return ()
+
+
+def committed_cut(spans: Sequence[tuple[int, int]], limit: int) -> int:
+    """How many of a remainder's tokens to commit, given their (start, end) character spans and
+    the start of the text held back: the tokens ending at or before ``limit``, cut back to a
+    clean boundary that consumes at least one character (pure)."""
+    k = 0
+    while k < len(spans) - 1 and spans[k][1] <= limit:
+        k += 1
+    while k > 0 and (spans[k - 1][1] > spans[k][0] or spans[k - 1][1] == 0):
+        k -= 1
+    return k
+
+
+def held_back_from(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -> int:
+    """Where the held-back tail of a remainder starts: its last pre-token (word), or its last
+    token when the tokenizer has no pre-tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is not None:
+        pieces = pre.pre_tokenize_str(text)
+        if pieces:
+            return pieces[-1][1][0]
+    return spans[-1][0] if spans else 0
+
+
+class RowAligner:
+    """The recursion above for one row: feed anchor tokens, get the specialist tokens each one
+    commits. Decoding keeps one per row across steps; training runs a fresh one over the row."""
+
+    def __init__(self, anchor_tokenizer: Any, specialist_tokenizer: Any, start: tuple[int, ...]):
+        self._anchor = anchor_tokenizer
+        self._specialist = specialist_tokenizer
+        self._start = start
+        self._ids: list[int] = []  # the row's anchor tokens so far (padding excluded)
+        self._window = (0, 0)  # incremental detokenisation: (first token decoded, tokens read)
+        self.text = ""  # the anchor's text, final so far
+        self.committed_chars = 0  # c: characters covered by committed specialist tokens
+        self.committed: list[int] = []
+
+    def push(self, anchor_id: int) -> list[int]:
+        """Specialist tokens committed at the position of this anchor token (often none)."""
+        new = list(self._start) if not self._ids else []
+        self._ids.append(int(anchor_id))
+        self._extend_text()
+        rest = self.text[self.committed_chars :]
+        if rest:
+            encoded = self._specialist(
+                rest, add_special_tokens=False, return_offsets_mapping=True
+            )
+            spans = [tuple(span) for span in encoded["offset_mapping"]]
+            k = committed_cut(spans, held_back_from(self._specialist, rest, spans))
+            if k:
+                new += list(encoded["input_ids"][:k])
+                self.committed_chars += spans[k - 1][1]
+        self.committed += new
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._anchor.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def _extend_text(self) -> None:
+        # Decode a short window twice (with and without the new token) so tokenizers that strip a
+        # leading space from the first decoded token are read the same at every step.
+        first, read = self._window
+        before = self._decode(self._ids[first:read])
+        after = self._decode(self._ids[first:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return  # an incomplete UTF-8 character, or a token with no text: nothing final yet
+        if not after.startswith(before):  # a decoder that rewrites earlier text: read it all
+            whole = self._decode(self._ids)
+            if whole.startswith(self.text):
+                self.text = whole
+            self._window = (len(self._ids), len(self._ids))
+            return
+        self.text += after[len(before) :]
+        self._window = (read, len(self._ids))
+
+
+@dataclass(frozen=True)
+class TextAlignment:
+    """The two tokenizers of a composition whose models read different token ids."""
+
+    anchor_tokenizer: Any
+    specialist_tokenizer: Any
+
+    @cached_property
+    def start(self) -> tuple[int, ...]:
+        return start_ids(self.specialist_tokenizer)
+
+    @cached_property
+    def pad_id(self) -> int:
+        tok = self.specialist_tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def row(self) -> RowAligner:
+        return RowAligner(self.anchor_tokenizer, self.specialist_tokenizer, self.start)
+
+    def specialist_text_ids(self, text: str) -> list[int]:
+        """The specialist tokens a whole row of ``text`` commits (a report, and tests)."""
+        ids = self.anchor_tokenizer(text, add_special_tokens=False).input_ids
+        row = self.row()
+        for i in ids:
+            row.push(i)
+        return row.committed
+
+
+def aligned_tokens(
+    rows: list[RowAligner],
+    input_ids: torch.Tensor,  # (B, T) new anchor tokens
+    attention_mask: torch.Tensor,  # (B, T) their mask, 1 = real token
+    *,
+    column_offset: int,  # anchor column of input_ids[:, 0] (tokens already seen)
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Push new anchor tokens through each row's aligner. Returns the newly committed specialist
+    tokens ``ids`` (B, N), their ``mask`` (B, N) and the anchor ``columns`` (B, N) at which each
+    was committed; rows with fewer than N are padded on the right (mask 0)."""
+    ids_rows, column_rows = [], []
+    for row, ids, mask in zip(rows, input_ids.tolist(), attention_mask.tolist(), strict=True):
+        got, columns = [], []
+        for t, (token, real) in enumerate(zip(ids, mask, strict=True)):
+            if real:
+                new = row.push(token)
+                got += new
+                columns += [column_offset + t] * len(new)
+        ids_rows.append(got)
+        column_rows.append(columns)
+    n = max((len(r) for r in ids_rows), default=0)
+    out_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    out_mask = torch.zeros((len(rows), n), dtype=torch.long)
+    out_columns = torch.zeros((len(rows), n), dtype=torch.long)
+    for b, (got, columns) in enumerate(zip(ids_rows, column_rows, strict=True)):
+        out_ids[b, : len(got)] = torch.tensor(got, dtype=torch.long)
+        out_mask[b, : len(got)] = 1
+        out_columns[b, : len(got)] = torch.tensor(columns, dtype=torch.long)
+    return out_ids, out_mask, out_columns
+
+
+def aligned_visibility(
+    specialist_mask: torch.Tensor,  # (B, S) 1 = a committed specialist token
+    columns: torch.Tensor,  # (B, S) anchor column at which each was committed
+    readable: torch.Tensor,  # (B, C) anchor columns whose committed tokens the bridge may read
+    *,
+    num_queries: int,
+    query_offset: int = 0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """(B, T, S) bool: anchor query t reads specialist token j iff j was committed at or before
+    t's column (and is real, and was committed at a readable column)."""
+    keys = specialist_mask.bool() & readable.bool().gather(1, columns)  # (B, S)
+    b, s = keys.shape
+    if not causal:
+        return keys[:, None, :].expand(b, num_queries, s)
+    query_cols = torch.arange(num_queries, device=keys.device) + query_offset  # (T,)
+    seen = columns[:, None, :] <= query_cols[None, :, None]  # (B, T, S)
+    return keys[:, None, :] & seen

@@ -1,4 +1,6 @@
-"""A character-level tokenizer built offline, for pico test models and toy experiments.
+"""Tokenizers built offline, for pico test models and toy experiments: a character-level one,
+and a small byte-level BPE trained on given texts (a second, different tokenizer, so pairs that
+read the same text through different tokenizers can be built without a download).
 
 One token per character of the alphabet, plus four special tokens: ``<pad>`` (id 0), ``<bos>``,
 ``<eos>`` and ``<unk>`` (ids 1-3). Characters outside the alphabet become ``<unk>``. Encoding adds
@@ -9,8 +11,9 @@ callers that want a leading ``<bos>`` add it themselves (``composer.data`` does)
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from composer.config import ConfigError
@@ -73,3 +76,41 @@ def build_char_tokenizer(
         tokenizer.chat_template = CHAT_TEMPLATE
     logger.debug("built a character tokenizer with %d tokens", len(vocab))
     return tokenizer
+
+
+def build_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 300, add_bos: bool = True
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) trained on ``texts``.
+
+    Special tokens as the character tokenizer's (``<pad>`` 0, ``<bos>``, ``<eos>``, ``<unk>``);
+    with ``add_bos`` encoding puts ``<bos>`` first, as Llama's and Gemma's tokenizers do, so a
+    tokenizer with start tokens is covered too. Any text encodes (bytes), and
+    ``decode(encode(s)) == s``.
+    """
+    from tokenizers import processors
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    if add_bos:
+        bos = backend.token_to_id(BOS)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )

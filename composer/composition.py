@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from composer.alignment import position_ids_from_mask, visibility_mask
+from composer.alignment import (
+    TextAlignment,
+    aligned_tokens,
+    aligned_visibility,
+    position_ids_from_mask,
+    visibility_mask,
+)
 from composer.architectures import decoder_layers, model_shape
 from composer.bridge import Bridge, bridge_shape_for
 from composer.config import BridgeConfig, CompositionConfig, ConfigError
@@ -51,6 +57,11 @@ class DecodeState:
     attention_mask: torch.Tensor | None = None  # (B, S) over every token seen so far
     keys: list[torch.Tensor | None] = field(default_factory=list)  # per block, (B, H, S, hd)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    # Two tokenizers only: each row's aligner, and per committed specialist token its mask and
+    # the anchor column at which it was committed, both (B, S_specialist).
+    rows: list[Any] | None = None
+    specialist_mask: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -82,6 +93,7 @@ class Composition(nn.Module):
         bridge: Bridge,
         *,
         tokenizer: Any = None,
+        specialist_tokenizer: Any = None,
         recipe: CompositionConfig | None = None,
         sources: dict[str, dict[str, Any]] | None = None,
     ) -> None:
@@ -90,6 +102,13 @@ class Composition(nn.Module):
         # A tuple is not registered by nn.Module: the frozen models stay out of parameters().
         self._frozen = (anchor, specialist, decoder_layers(anchor), decoder_layers(specialist))
         self.tokenizer = tokenizer
+        self.specialist_tokenizer = specialist_tokenizer if specialist_tokenizer else tokenizer
+        # None: one shared vocabulary, positions line up one to one (the paper's setting).
+        self.alignment: TextAlignment | None = (
+            TextAlignment(tokenizer, specialist_tokenizer)
+            if needs_alignment(tokenizer, specialist_tokenizer)
+            else None
+        )
         self.recipe = recipe
         self.sources = sources or {}  # identity of each model (see composer.export)
         self.bridge_enabled = True
@@ -160,26 +179,31 @@ class Composition(nn.Module):
                 f"{past} cached + {input_ids.shape[1]} new"
             )
         positions = position_ids_from_mask(attention_mask)[:, past:]  # (B, T)
-        anchor, specialist, anchor_layers, specialist_layers = self._frozen
+        anchor, _, anchor_layers, _ = self._frozen
         common = {"attention_mask": attention_mask, "position_ids": positions}
         anchor_kwargs: dict[str, Any] = {**common, "use_cache": state is not None}
         if state is not None:
             anchor_kwargs[_cache_kwarg(anchor)] = state.anchor_cache
         registrations = []
-        if self.bridge_enabled:
+        readable = attention_mask if specialist_mask is None else attention_mask * specialist_mask
+        read: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
+        if self.bridge_enabled and self.alignment is None:
             keys, values = self._specialist_keys_values(
-                input_ids, common, state, specialist, specialist_layers
+                input_ids, common, common["position_ids"], state
             )
             device = keys[0].device
-            readable = (
-                attention_mask if specialist_mask is None else attention_mask * specialist_mask
-            )
             visible = visibility_mask(
                 readable.to(device),
                 num_queries=input_ids.shape[1],
                 query_offset=past,
                 causal=self.bridge.shape.causal,
             )  # (B, T, S)
+            read = keys, values, visible
+        elif self.bridge_enabled:
+            read = self._aligned_keys_values(input_ids, attention_mask, readable, state)
+        if read is not None:
+            keys, values, visible = read
+            device = keys[0].device
             blocks_at: dict[int, list[int]] = defaultdict(list)
             for k, (anchor_layer, _) in enumerate(self.bridge.pairs):
                 blocks_at[anchor_layer].append(k)
@@ -198,12 +222,13 @@ class Composition(nn.Module):
 
     def _specialist_keys_values(
         self,
-        input_ids: torch.Tensor,
-        common: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,  # (B, N) new specialist tokens
+        common: dict[str, torch.Tensor],  # the specialist's attention_mask (B, S), position_ids
+        key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
         state: DecodeState | None,
-        specialist: nn.Module,
-        specialist_layers: nn.ModuleList,
+        real: torch.Tensor | None = None,  # (B, N) 0 = padding whose states are zeroed
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        _, specialist, _, specialist_layers = self._frozen
         needed = sorted({s for _, s in self.bridge.pairs})
         captured: dict[int, torch.Tensor] = {}
 
@@ -224,10 +249,10 @@ class Composition(nn.Module):
         for k, (block, (_, s)) in enumerate(
             zip(self.bridge.blocks, self.bridge.pairs, strict=True)
         ):
-            new_k, new_v = block.keys_values(
-                captured[s].to(device=device, dtype=dtype),
-                common["position_ids"].to(device),
-            )
+            states = captured[s].to(device=device, dtype=dtype)  # (B, N, d_specialist)
+            if real is not None:  # a padding slot's state may be anything, even NaN
+                states = torch.where(real.to(device)[..., None].bool(), states, 0.0)
+            new_k, new_v = block.keys_values(states, key_positions.to(device))
             if state is not None:
                 if state.keys[k] is not None:
                     new_k = torch.cat([state.keys[k], new_k], dim=2)  # (B, H, S, hd)
@@ -236,6 +261,63 @@ class Composition(nn.Module):
             keys.append(new_k)
             values.append(new_v)
         return keys, values
+
+    def _aligned_keys_values(
+        self,
+        input_ids: torch.Tensor,  # (B, T) new anchor tokens
+        attention_mask: torch.Tensor,  # (B, S) over every anchor token so far
+        readable: torch.Tensor,  # (B, S) anchor columns whose committed tokens may be read
+        state: DecodeState | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
+        """Two tokenizers: commit specialist tokens for the new anchor tokens (composer.alignment),
+        run the specialist over them, and say which anchor query reads which. None while no
+        specialist token is committed yet (the bridge then adds nothing)."""
+        assert self.alignment is not None
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        fresh = state is None or state.rows is None
+        rows = [self.alignment.row() for _ in range(len(input_ids))] if fresh else state.rows
+        new_ids, new_mask, new_columns = aligned_tokens(
+            rows,
+            input_ids.cpu(),
+            attention_mask[:, past:].cpu(),
+            column_offset=past,
+            pad_id=self.alignment.pad_id,
+        )  # each (B, N)
+        mask, columns = new_mask, new_columns
+        if not fresh:
+            mask = torch.cat([state.specialist_mask, new_mask], dim=1)  # (B, S_specialist)
+            columns = torch.cat([state.columns, new_columns], dim=1)
+        if state is not None:
+            state.rows, state.specialist_mask, state.columns = rows, mask, columns
+        keys: list[torch.Tensor] | None = state.keys if state is not None else None
+        values: list[torch.Tensor] | None = state.values if state is not None else None
+        if new_ids.shape[1]:
+            device = self.specialist.get_input_embeddings().weight.device
+            # A key is rotated by the anchor position at which its token was committed, so
+            # the bridge's relative positions count anchor tokens, as with one tokenizer.
+            anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
+            common = {
+                "attention_mask": mask.to(device),
+                "position_ids": position_ids_from_mask(mask)[:, -new_ids.shape[1] :].to(device),
+            }
+            keys, values = self._specialist_keys_values(
+                new_ids.to(device),
+                common,
+                anchor_positions.gather(1, new_columns),
+                state,
+                real=new_mask,
+            )
+        if keys is None or not keys or keys[0] is None:
+            return None
+        visible = aligned_visibility(
+            mask,
+            columns,
+            readable.cpu(),
+            num_queries=input_ids.shape[1],
+            query_offset=past,
+            causal=self.bridge.shape.causal,
+        )  # (B, T, S_specialist)
+        return keys, values, visible.to(keys[0].device)
 
     def _residual_hook(
         self,
@@ -311,13 +393,17 @@ def compose(
     sources: dict[str, dict[str, Any]] | None = None,
     seed: int | None = None,
 ) -> Composition:
-    """Compose two already-loaded Hugging Face causal LMs that share a vocabulary.
+    """Compose two already-loaded Hugging Face causal LMs.
 
-    Both models are frozen (``requires_grad_(False)``, eval mode). The new bridge lives on the
-    anchor's input device and is initialised so the composition equals the anchor exactly.
+    With one shared vocabulary (the same tokenizer, or none given and equal vocabulary sizes)
+    both models read the same ids. With two different tokenizers (pass both) they read the same
+    text, aligned by characters (composer.alignment); the composition is still called with the
+    anchor's ids. Both models are frozen (``requires_grad_(False)``, eval mode). The new bridge
+    lives on the anchor's input device and is initialised so the composition equals the anchor
+    exactly.
     """
     config = bridge_config or (recipe.bridge if recipe else BridgeConfig())
-    check_shared_vocabulary(anchor_model, specialist_model, tokenizer, specialist_tokenizer)
+    check_vocabularies(anchor_model, specialist_model, tokenizer, specialist_tokenizer)
     shape = bridge_shape_for(anchor_model.config, specialist_model.config, config)
     # A seed makes the initialisation repeatable without reseeding the caller's global generator.
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -338,30 +424,35 @@ def compose(
         specialist_model,
         bridge,
         tokenizer=tokenizer,
+        specialist_tokenizer=specialist_tokenizer,
         recipe=recipe,
         sources=sources,
     )
 
 
-def check_shared_vocabulary(
+def needs_alignment(tokenizer: Any, specialist_tokenizer: Any) -> bool:
+    """True when both tokenizers are known and map text to different ids (pure): the two models
+    then read the same text aligned by characters (composer.alignment)."""
+    if tokenizer is None or specialist_tokenizer is None or tokenizer is specialist_tokenizer:
+        return False
+    return tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(specialist_tokenizer)
+
+
+def check_vocabularies(
     anchor: nn.Module,
     specialist: nn.Module,
     tokenizer: Any = None,
     specialist_tokenizer: Any = None,
 ) -> None:
-    """Refuse a pair whose token ids mean different things (both models read the same ids)."""
+    """Refuse a pair that can be composed neither on shared ids nor aligned by characters: two
+    vocabularies of different sizes with a tokenizer missing."""
     if tokenizer is not None and specialist_tokenizer is not None:
-        if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(specialist_tokenizer):
-            raise ConfigError(
-                "the anchor and the specialist use different tokenizers; composition needs one "
-                "shared vocabulary (e.g. two models of the same family)"
-            )
-        return
+        return  # the same ids, or two tokenizers aligned by characters
     a = model_shape(anchor.config).vocab_size
     s = model_shape(specialist.config).vocab_size
     if a != s:
         raise ConfigError(
-            f"the anchor's vocabulary has {a} tokens and the specialist's {s}; composition needs "
-            "one shared vocabulary. Pass both tokenizers to compose() if they are the same "
-            "tokenizer with padded embeddings."
+            f"the anchor's vocabulary has {a} tokens and the specialist's {s}; pass both "
+            "tokenizers (tokenizer= and specialist_tokenizer=) so the two models can read the "
+            "same text aligned by characters"
         )

@@ -101,8 +101,9 @@ def bridge_config_dict(composition: Composition) -> dict[str, Any]:
         "specialist": model_identity(
             composition.specialist,
             source=composition.sources.get("specialist"),
-            tokenizer=tokenizer,  # shared with the anchor (checked when composing)
+            tokenizer=composition.specialist_tokenizer,  # the anchor's when the ids are shared
         ),
+        "alignment": "shared ids" if composition.alignment is None else "characters",
     }
 
 

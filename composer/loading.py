@@ -22,7 +22,7 @@ from torch import nn
 from composer.architectures import model_shape
 from composer.bridge import Bridge, BridgeShape
 from composer.cache import cache_root
-from composer.composition import Composition, check_shared_vocabulary, compose, freeze
+from composer.composition import Composition, check_vocabularies, compose, freeze
 from composer.config import CompositionConfig, ConfigError, ModelSpec, first_line, read_recipe
 from composer.export import (
     CONFIG,
@@ -369,6 +369,7 @@ def load_composition(
             anchor.model,
             specialist.model,
             tokenizer=anchor.tokenizer,
+            specialist_tokenizer=specialist.tokenizer,
             recipe=config,
             sources=sources,
         )
@@ -402,6 +403,7 @@ def load_bridge(
     specialist_model: torch.nn.Module,
     *,
     tokenizer: Any = None,
+    specialist_tokenizer: Any = None,  # None: the anchor's (one shared vocabulary)
     recipe: Any = None,
     sources: dict[str, dict[str, Any]] | None = None,
 ) -> Composition:
@@ -410,8 +412,9 @@ def load_bridge(
     config = read_bridge_config(path)
     sources = sources or {}
     problems = []
+    tokenizers = {"anchor": tokenizer, "specialist": specialist_tokenizer or tokenizer}
     for role, model in (("anchor", anchor_model), ("specialist", specialist_model)):
-        current = model_identity(model, source=sources.get(role), tokenizer=tokenizer)
+        current = model_identity(model, source=sources.get(role), tokenizer=tokenizers[role])
         problems += identity_mismatches(role, config[role], current)
     if problems:
         raise ConfigError(
@@ -442,7 +445,7 @@ def load_bridge(
         anchor_layers=model_shape(anchor_model.config).num_layers,
         specialist_layers=model_shape(specialist_model.config).num_layers,
     )
-    check_shared_vocabulary(anchor_model, specialist_model)
+    check_vocabularies(anchor_model, specialist_model, tokenizer, tokenizers["specialist"])
     tensors = read_safetensors(path / WEIGHTS)
     check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
     bridge.load_state_dict(tensors)
@@ -450,5 +453,11 @@ def load_bridge(
     freeze(anchor_model)
     freeze(specialist_model)
     return Composition(
-        anchor_model, specialist_model, bridge, tokenizer=tokenizer, recipe=recipe, sources=sources
+        anchor_model,
+        specialist_model,
+        bridge,
+        tokenizer=tokenizer,
+        specialist_tokenizer=tokenizers["specialist"],
+        recipe=recipe,
+        sources=sources,
     )

@@ -1,0 +1,273 @@
+"""Two tokenizers: the anchor and the specialist read the same text aligned by characters.
+
+Pico models with the character tokenizer on one side and a byte-level BPE trained on the fly on
+the other, in both orders. The invariants are the shared-vocabulary ones (tests/test_composition)
+restated for text: equal to the anchor at init, no character beyond an anchor token's text is
+ever read at or before it, cached decoding equals recomputing, teacher forcing equals decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composer.alignment import TextAlignment, committed_cut, start_ids
+from composer.chartok import build_bpe_tokenizer, build_char_tokenizer
+from composer.composition import compose, needs_alignment
+from composer.config import BridgeConfig, ConfigError
+from tests.conftest import pico_llama, pico_qwen2, randomize_bridge
+
+CORPUS = [
+    "The river wound through the valley, past the mills and the old stone bridge.",
+    "def add(a, b):\n    return a + b\n\nprint(add(12, 345))\n",
+    "Key k17 maps to 42; key k3 maps to 7. What is k17 + k3? 49.",
+] * 30
+TEXT = "The river wound past 12,345 mills: def add(a, b): return a+b  # done"
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return build_char_tokenizer(), build_bpe_tokenizer(CORPUS, vocab_size=320)
+
+
+def _pair(tokenizers, order: str, *, seed: int = 0):
+    char, bpe = tokenizers
+    a_tok, s_tok = (char, bpe) if order == "char+bpe" else (bpe, char)
+    anchor = pico_llama(vocab_size=len(a_tok), seed=seed)
+    specialist = pico_qwen2(vocab_size=len(s_tok), seed=seed + 1)
+    composition = compose(
+        anchor,
+        specialist,
+        bridge_config=BridgeConfig(every=2),
+        tokenizer=a_tok,
+        specialist_tokenizer=s_tok,
+        seed=seed,
+    )
+    return composition, a_tok, s_tok
+
+
+ORDERS = ["char+bpe", "bpe+char"]
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+
+
+# --- the rule, as pure functions ---------------------------------------------------------------
+
+
+def test_the_cut_holds_back_the_tail_and_never_splits_a_character():
+    spans = [(0, 3), (3, 5), (5, 9)]
+    assert committed_cut(spans, limit=5) == 2
+    assert committed_cut(spans, limit=9) == 2  # the last token is always held back
+    assert committed_cut(spans, limit=4) == 1
+    # "a" then the two byte tokens of one character (both spanning it): never split them
+    assert committed_cut([(0, 1), (1, 3), (1, 3)], limit=3) == 1
+    assert committed_cut([(0, 0), (0, 2)], limit=2) == 0  # a token with no text is not a cut
+
+
+def test_start_tokens_are_the_tokenizers_own(tokenizers):
+    char, bpe = tokenizers
+    assert start_ids(char) == ()
+    assert start_ids(bpe) == (bpe.bos_token_id,)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_committed_tokens_spell_the_text_and_never_pass_the_anchors(tokenizers, order):
+    _, a_tok, s_tok = _pair(tokenizers, order)
+    alignment = TextAlignment(a_tok, s_tok)
+    row = alignment.row()
+    for token in _ids(a_tok, TEXT)[0].tolist():
+        row.push(token)
+        spelled = s_tok.decode(row.committed, skip_special_tokens=True)
+        assert spelled == row.text[: row.committed_chars]  # what was read is the text so far
+        assert row.committed_chars <= len(row.text)  # never a character past the anchor's
+    assert row.text == a_tok.decode(_ids(a_tok, TEXT)[0], skip_special_tokens=True)
+    assert row.committed_chars > len(TEXT) - 12  # only the last word is still held back
+
+
+def test_a_byte_token_inside_a_character_adds_no_text_until_the_character_is_whole(tokenizers):
+    char, bpe = tokenizers
+    row = TextAlignment(bpe, char).row()
+    ids = bpe("é", add_special_tokens=False).input_ids
+    assert len(ids) == 2  # é is two bytes, unseen in the corpus: two byte tokens
+    row.push(ids[0])
+    assert row.text == ""
+    row.push(ids[1])
+    assert row.text == "é"
+
+
+def test_a_shared_tokenizer_needs_no_alignment(tokenizers):
+    char, bpe = tokenizers
+    assert not needs_alignment(char, char)
+    assert not needs_alignment(char, build_char_tokenizer())  # another object, the same ids
+    assert not needs_alignment(char, None)
+    assert needs_alignment(char, bpe)
+
+
+# --- the invariants on composed models ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_composed_equals_anchor_exactly_at_init(tokenizers, order):
+    composition, a_tok, _ = _pair(tokenizers, order)
+    assert composition.alignment is not None
+    ids = _ids(a_tok, TEXT)
+    with torch.no_grad():
+        composed = composition(ids).logits
+        alone = composition.anchor(input_ids=ids).logits
+    assert torch.equal(composed, alone)
+
+
+def _changed_after(ids: torch.Tensor, t: int, a_tok, seed: int) -> torch.Tensor:
+    """The same first t+1 anchor tokens, then other text."""
+    other = "Zebras quietly 987 xylophones!? jump over lazy dogs"
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(0, 20, (1,), generator=generator))
+    tail = _ids(a_tok, other[start:])[0]
+    n = ids.shape[1] - (t + 1)
+    tail = tail.repeat(n // len(tail) + 1)[:n]
+    return torch.cat([ids[0, : t + 1], tail])[None]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_text_after_an_anchor_token_changes_no_logit_at_or_before_it(tokenizers, order):
+    composition, a_tok, _ = _pair(tokenizers, order)
+    randomize_bridge(composition)
+    ids = _ids(a_tok, TEXT)
+    with torch.no_grad():
+        base = composition(ids).logits
+        assert not torch.allclose(base, composition.anchor(input_ids=ids).logits)  # it reads
+        for t in range(2, ids.shape[1] - 1, 3):
+            changed = composition(_changed_after(ids, t, a_tok, seed=t)).logits
+            torch.testing.assert_close(changed[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+
+
+def _leaky_tokens(a_tok, s_tok):
+    """The rule's ablation: every specialist token of the whole text, readable from the anchor
+    token in whose text it starts (a token straddling that token's end is read early)."""
+
+    def aligned(rows, input_ids, attention_mask, *, column_offset, pad_id):
+        ids = input_ids[0].tolist()
+        ends = [len(a_tok.decode(ids[: t + 1], skip_special_tokens=True)) for t in range(len(ids))]
+        encoded = s_tok(
+            a_tok.decode(ids, skip_special_tokens=True),
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+        )
+        columns = [
+            next(t for t, end in enumerate(ends) if end > start)
+            for start, _ in encoded["offset_mapping"]
+        ]
+        n = len(columns)
+        return (
+            torch.tensor([encoded["input_ids"]]),
+            torch.ones(1, n, dtype=torch.long),
+            torch.tensor([columns]) + column_offset,
+        )
+
+    return aligned
+
+
+def test_without_the_rule_the_next_characters_leak(tokenizers, monkeypatch):
+    # A BPE specialist under a character anchor: its tokens straddle anchor tokens' ends (with a
+    # character specialist nothing straddles, so this ablation cannot leak in the other order).
+    import composer.composition as composition_module
+
+    composition, a_tok, s_tok = _pair(tokenizers, "char+bpe")
+    randomize_bridge(composition)
+    monkeypatch.setattr(composition_module, "aligned_tokens", _leaky_tokens(a_tok, s_tok))
+    ids = _ids(a_tok, TEXT)
+    leaks = 0
+    with torch.no_grad():
+        base = composition(ids).logits
+        for t in range(2, ids.shape[1] - 1, 3):
+            changed = composition(_changed_after(ids, t, a_tok, seed=t)).logits
+            leaks += not torch.allclose(changed[:, : t + 1], base[:, : t + 1], atol=1e-5)
+    assert leaks > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ORDERS)
+def test_cached_co_decoding_equals_recomputing_for_64_tokens(tokenizers, order):
+    composition, a_tok, _ = _pair(tokenizers, order, seed=3)
+    randomize_bridge(composition, scale=0.3)
+    prompts = ["def add(a, b):", "The river wound past 12,3"]  # the second ends inside a number
+    rows = [_ids(a_tok, p)[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):  # left padding
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+    settings = {"max_new_tokens": 64, "eos_token_id": [], "attention_mask": mask}
+    cached = composition.generate(ids, use_cache=True, **settings)
+    recomputed = composition.generate(ids, use_cache=False, **settings)
+    assert cached.shape == (2, 64)
+    assert torch.equal(cached, recomputed)
+    texts = [a_tok.decode(row, skip_special_tokens=True) for row in cached]
+    assert all(texts), texts  # text was written, so the specialist read along
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_teacher_forced_logits_equal_the_logits_seen_while_decoding(tokenizers, order):
+    composition, a_tok, _ = _pair(tokenizers, order, seed=5)
+    randomize_bridge(composition, scale=0.3)
+    ids = _ids(a_tok, TEXT)
+    with torch.no_grad():
+        forced = composition(ids).logits  # (1, T, V)
+        state = composition.new_decode_state()
+        stepped = []
+        for t in range(ids.shape[1]):
+            mask = torch.ones(1, t + 1, dtype=torch.long)
+            stepped.append(composition.step(ids[:, t : t + 1], mask, state=state)[:, -1])
+    torch.testing.assert_close(torch.stack(stepped, dim=1), forced, rtol=1e-4, atol=1e-4)
+    assert state.specialist_mask.sum() == len(state.rows[0].committed)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_only_the_bridge_trains_and_the_loss_falls(tokenizers, order):
+    composition, a_tok, _ = _pair(tokenizers, order)
+    ids = _ids(a_tok, TEXT)
+    optimizer = torch.optim.AdamW(composition.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = composition(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert all(not p.requires_grad for p in composition.anchor.parameters())
+
+
+def test_a_bridge_records_both_tokenizers_and_is_refused_on_another_pair(tokenizers, tmp_path):
+    from composer.loading import load_bridge
+
+    composition, a_tok, s_tok = _pair(tokenizers, "char+bpe")
+    randomize_bridge(composition)
+    composition.save_bridge(str(tmp_path / "bridge"))
+    ids = _ids(a_tok, TEXT)
+    loaded = load_bridge(
+        tmp_path / "bridge",
+        composition.anchor,
+        composition.specialist,
+        tokenizer=a_tok,
+        specialist_tokenizer=s_tok,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, composition(ids).logits)
+    other = build_bpe_tokenizer(CORPUS[1:2], vocab_size=320)  # trained on other text
+    with pytest.raises(ConfigError, match="specialist tokenizer_fingerprint differs"):
+        load_bridge(
+            tmp_path / "bridge",
+            composition.anchor,
+            composition.specialist,
+            tokenizer=a_tok,
+            specialist_tokenizer=other,
+        )
+
+
+def test_different_vocabularies_without_both_tokenizers_are_refused_with_the_fix_named():
+    anchor, specialist = pico_llama(vocab_size=97), pico_qwen2(vocab_size=120)
+    with pytest.raises(ConfigError, match="pass both tokenizers"):
+        compose(anchor, specialist)
