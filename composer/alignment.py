@@ -131,9 +131,7 @@ class RowAligner:
         self._extend_text()
         rest = self.text[self.committed_chars :]
         if rest:
-            encoded = self._specialist(
-                rest, add_special_tokens=False, return_offsets_mapping=True
-            )
+            encoded = self._specialist(rest, add_special_tokens=False, return_offsets_mapping=True)
             spans = [tuple(span) for span in encoded["offset_mapping"]]
             k = committed_cut(spans, held_back_from(self._specialist, rest, spans))
             if k:

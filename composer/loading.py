@@ -386,7 +386,7 @@ def load_composition(
 
 
 def resolve_engine(config: CompositionConfig, engine: str) -> str:
-    """"torch" or "llama.cpp" for ``engine``; logs one line when ``auto`` falls back to torch."""
+    """ "torch" or "llama.cpp" for ``engine``; logs one line when ``auto`` falls back to torch."""
     from composer.llamacpp import choose_engine, llama_cpp_missing
 
     missing = llama_cpp_missing() if engine != "torch" else None
