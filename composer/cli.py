@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def _report(args: argparse.Namespace) -> PairReport:
     """The recipe's pair report (composer.describe); ConfigError (exit 2) for a pair that cannot
-    be composed (vocabulary, widths, positions), before any weights are loaded."""
+    be composed (widths, heads, positions), before any weights are loaded."""
     from composer.describe import describe, planned_device
     from composer.pair_check import tokenizer_check
 

@@ -25,7 +25,7 @@ from composer.memory import (
     gib,
     plan,
 )
-from composer.pair_check import pair_problems
+from composer.pair_check import pair_problems, vocabulary_note
 from composer.training_config import TrainingConfig
 
 ROLES = ("anchor", "specialist")
@@ -91,14 +91,14 @@ def describe(
     *,
     title: str = "",
     configs: Mapping[str, Any] | None = None,
-    tokenizers_match: Callable[[bool], bool | None] | None = None,
+    tokenizers_match: Callable[[], bool | None] | None = None,
     **plan_kwargs: Any,  # device= / memory= for composer.memory.plan
 ) -> PairReport:
     """The report for ``recipe``.
 
     ``configs``: each model's config already read, or the ConfigError reading it raised (the
     app keeps both); without it both are read here and a model that cannot be read raises.
-    ``tokenizers_match``: see :func:`composer.pair_check.pair_problems`.
+    ``tokenizers_match``: see :func:`composer.pair_check.tokenizer_check`.
     """
     report = PairReport(title=title or recipe.name or "recipe")
     if configs is None:
@@ -123,17 +123,8 @@ def describe(
     report.anchor_layers, report.specialist_layers = anchor.num_layers, specialist.num_layers
     training = TrainingConfig.from_mapping(recipe.training)
     explicit = training.max_length if "max_length" in recipe.training else None
-    matched: list[bool | None] = []
-
-    def remember(required: bool) -> bool | None:
-        matched.append(tokenizers_match(required) if tokenizers_match is not None else None)
-        return matched[-1]
-
-    report.problems += pair_problems(recipe, read, max_length=explicit, tokenizers_match=remember)
-    if anchor.vocab_size == specialist.vocab_size and matched[-1:] != [False]:
-        same = matched[-1:] == [True]
-        how = "identical tokenizers" if same else "tokenizers compared when loading"
-        report.notes.append(f"vocabulary: shared, {anchor.vocab_size:,} tokens ({how})")
+    report.problems += pair_problems(recipe, read, max_length=explicit)
+    report.notes.append(vocabulary_note(read, tokenizers_match() if tokenizers_match else None))
     try:
         shape = bridge_shape_for(read["anchor"], read["specialist"], recipe.bridge)
     except ConfigError:

@@ -1,7 +1,8 @@
 """Is a pair of models composable, decided from their configs before any weights are loaded:
-a shared vocabulary, a bridge shape the widths and heads allow, and enough positions for the
-training length. ``calm-composer info`` and ``train`` ask here first, so an impossible pair is
-refused in seconds, not after minutes of loading."""
+a bridge shape the widths and heads allow, and enough positions for the training length (and,
+said rather than checked, whether the two read one vocabulary or text aligned by characters).
+``calm-composer info`` and ``train`` ask here first, so an impossible pair is refused in
+seconds, not after minutes of loading."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, ConfigError, ModelSpec
 
 logger = logging.getLogger(__name__)
+
 
 def position_problems(configs: dict[str, Any], *, max_length: int | None) -> list[str]:
     """training.max_length against each model's positions (pure)."""
@@ -35,30 +37,13 @@ def pair_problems(
     configs: dict[str, Any],
     *,
     max_length: int | None = None,
-    tokenizers_match: Callable[[bool], bool | None] | None = None,
 ) -> list[str]:
     """Everything that makes the pair unusable, one sentence each (empty: compatible).
 
-    ``tokenizers_match(required)`` compares the two tokenizers (True: the same ids; None: not
-    compared). It is called with ``required=True`` when the vocabulary sizes differ: then only
-    the same tokenizer with padded embeddings is allowed (as ``compose`` allows it); with
-    ``required=False`` when the sizes agree, where it may skip a slow comparison.
+    Vocabularies are never a problem: two tokenizers are aligned by characters
+    (composer.alignment); :func:`vocabulary_note` says which way a pair reads its text.
     """
     problems = []
-    anchor, specialist = model_shape(configs["anchor"]), model_shape(configs["specialist"])
-    differ = anchor.vocab_size != specialist.vocab_size
-    match = tokenizers_match(differ) if tokenizers_match is not None else None
-    if differ and match is not True:
-        problems.append(
-            f"vocabulary: the anchor has {anchor.vocab_size:,} tokens and the specialist "
-            f"{specialist.vocab_size:,}, and their tokenizers differ; both models must read the "
-            "same token ids (choose two models of the same family)"
-        )
-    elif match is False:
-        problems.append(
-            "vocabulary: same size, but the tokenizers map tokens to different ids; choose two "
-            "models of the same family"
-        )
     try:
         bridge_shape_for(configs["anchor"], configs["specialist"], recipe.bridge)
     except ConfigError as exc:
@@ -75,27 +60,45 @@ def read_configs(recipe: CompositionConfig) -> dict[str, Any]:
 
 def tokenizer_check(
     recipe: CompositionConfig, *, load: Callable[[ModelSpec], Any] | None = None
-) -> Callable[[bool], bool | None]:
-    """``tokenizers_match`` for :func:`pair_problems`: loads both tokenizers (``load``, default
-    composer.loading.load_tokenizer) and compares their fingerprints. When not required it skips
-    GGUF files (building a tokenizer from one takes seconds to tens of seconds) and tokenizers
-    that cannot be read (None: not compared)."""
+) -> Callable[[], bool | None]:
+    """``tokenizers_match`` for :func:`vocabulary_note`: loads both tokenizers (``load``, default
+    composer.loading.load_tokenizer) and compares their fingerprints. Skips GGUF files (building
+    a tokenizer from one takes seconds to tens of seconds) and tokenizers that cannot be read
+    (None: not compared)."""
 
-    def check(required: bool) -> bool | None:
+    def check() -> bool | None:
         from composer.identity import tokenizer_fingerprint
         from composer.loading import load_tokenizer
 
-        if not required and (recipe.anchor.is_gguf or recipe.specialist.is_gguf):
+        if recipe.anchor.is_gguf or recipe.specialist.is_gguf:
             return None
         try:
             a, s = ((load or load_tokenizer)(getattr(recipe, r)) for r in ("anchor", "specialist"))
         except ConfigError:
-            if required:
-                raise
             return None
         return tokenizer_fingerprint(a) == tokenizer_fingerprint(s)
 
     return check
+
+
+def vocabulary_note(configs: dict[str, Any], match: bool | None) -> str:
+    """How the pair reads its text, one line for a report (pure). ``match``: whether the two
+    tokenizers map text to the same ids (None: not compared)."""
+    a, s = (model_shape(configs[r]).vocab_size for r in ("anchor", "specialist"))
+    aligned = "the two models read the same text, aligned by characters (docs/ALIGNMENT.md)"
+    if match is True:
+        return f"vocabulary: shared, {a:,} tokens (identical tokenizers)"
+    if match is False:
+        return f"vocabulary: two tokenizers ({a:,} and {s:,} tokens); {aligned}"
+    if a == s:
+        return (
+            f"vocabulary: {a:,} tokens each (tokenizers compared when loading: shared ids if "
+            f"identical, else {aligned})"
+        )
+    return (
+        f"vocabulary: {a:,} and {s:,} tokens (tokenizers compared when loading: shared ids if "
+        f"one tokenizer with padded embeddings, else {aligned})"
+    )
 
 
 def check_pair_configs(
@@ -106,9 +109,7 @@ def check_pair_configs(
 ) -> dict[str, Any]:
     """Raise ConfigError listing every problem of the pair; returns the configs read."""
     configs = configs or read_configs(recipe)
-    problems = pair_problems(
-        recipe, configs, max_length=max_length, tokenizers_match=tokenizer_check(recipe)
-    )
+    problems = pair_problems(recipe, configs, max_length=max_length)
     if problems:
         raise ConfigError(
             f"the anchor {recipe.anchor.model!r} and the specialist {recipe.specialist.model!r} "

@@ -271,3 +271,54 @@ def test_different_vocabularies_without_both_tokenizers_are_refused_with_the_fix
     anchor, specialist = pico_llama(vocab_size=97), pico_qwen2(vocab_size=120)
     with pytest.raises(ConfigError, match="pass both tokenizers"):
         compose(anchor, specialist)
+
+
+@pytest.mark.slow
+def test_a_recipe_of_two_tokenizers_trains_saves_and_loads_from_folders(tokenizers, tmp_path):
+    """The whole path a user takes: folders with their own tokenizers, `train` (data tokenized by
+    the anchor's tokenizer, the specialist's view derived in the composition), the bridge folder,
+    then load_composition with that bridge and the same logits."""
+    import json
+
+    import yaml
+
+    from composer.loading import load_composition
+    from composer.train import train
+
+    char, bpe = tokenizers
+    for name, model, tok in (
+        ("anchor", pico_llama(vocab_size=len(char)), char),
+        ("specialist", pico_qwen2(vocab_size=len(bpe)), bpe),
+    ):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = [{"text": line} for line in CORPUS[:3] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "anchor": {"model": str(tmp_path / "anchor")},
+        "specialist": {"model": str(tmp_path / "specialist")},
+        "bridge": {"every": 2, "num_heads": 2, "head_dim": 16},
+        "training": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "logging_every": 1,
+            "save_every": 4,
+            "max_length": 64,
+        },
+        "data": {"train": str(tmp_path / "train.jsonl")},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    bridge = train(tmp_path / "recipe.yaml", output_dir=tmp_path / "run")
+    saved = json.loads((bridge / "bridge_config.json").read_text())
+    assert saved["alignment"] == "characters"
+    from composer.identity import tokenizer_fingerprint
+
+    assert saved["specialist"]["tokenizer_fingerprint"] == tokenizer_fingerprint(bpe)
+    assert saved["anchor"]["tokenizer_fingerprint"] == tokenizer_fingerprint(char)
+    loaded = load_composition(tmp_path / "recipe.yaml", bridge=bridge)
+    assert loaded.alignment is not None
+    ids = _ids(char, TEXT)
+    with torch.no_grad():
+        assert not torch.equal(loaded(ids).logits, loaded.anchor(input_ids=ids).logits)

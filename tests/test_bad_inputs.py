@@ -444,24 +444,14 @@ def _no_weights(monkeypatch):
     monkeypatch.setattr(composer.loading, "load_model", refuse)
 
 
-def test_other_vocabulary_cli_info_exits_2(world, tmp_path, capsys):
+def test_other_vocabulary_cli_info_reports_alignment_by_characters(world, tmp_path, capsys):
     recipe = recipe_file(
         world, tmp_path, specialist={"model": str(world / "specialist-other-vocab")}
     )
-    code, err = cli("info", str(recipe), capsys=capsys)
-    assert code == 2 and "vocabulary: the anchor has 100 tokens" in one_error_line(err)
-
-
-def test_other_vocabulary_train_refuses_before_loading(world, tmp_path, monkeypatch):
-    from composer.train import train
-
-    _no_weights(monkeypatch)
-    recipe = recipe_file(
-        world, tmp_path, specialist={"model": str(world / "specialist-other-vocab")}
-    )
-    with pytest.raises(ConfigError, match="cannot be composed: vocabulary"):
-        train(recipe, output_dir=tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    code = main(["info", str(recipe)])
+    out = capsys.readouterr().out
+    assert code == 0 and "two tokenizers (100 and 26 tokens)" in out
+    assert "aligned by characters" in out
 
 
 def test_heads_that_do_not_divide_the_width(world, tmp_path, capsys):

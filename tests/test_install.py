@@ -41,12 +41,16 @@ def test_a_non_editable_install_lists_and_trains_the_default_preset_from_another
     # is not activated that way (its .pth hook is not processed from an added path).
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     Path(site, "_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(REPO)],
-        check=True, env=_clean_env(), cwd=tmp_path,
+        check=True,
+        env=_clean_env(),
+        cwd=tmp_path,
     )
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -57,15 +61,21 @@ def test_a_non_editable_install_lists_and_trains_the_default_preset_from_another
     )
     assert listed.returncode == 0, listed.stderr
     assert "kv-arithmetic  [default]" in listed.stdout
-    preset_file = Path(next(
-        line.split("file:", 1)[1].strip()
-        for line in listed.stdout.splitlines()
-        if line.strip().startswith("file:") and "kv-arithmetic" in line
-    ))
+    preset_file = Path(
+        next(
+            line.split("file:", 1)[1].strip()
+            for line in listed.stdout.splitlines()
+            if line.strip().startswith("file:") and "kv-arithmetic" in line
+        )
+    )
     assert preset_file.is_relative_to(venv), f"preset read from {preset_file}, not the install"
     code = subprocess.run(
         [str(python), "-c", "import composer, sys; print(composer.__file__)"],
-        capture_output=True, text=True, env=_clean_env(), cwd=work, check=True,
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=work,
+        check=True,
     ).stdout
     assert Path(code.strip()).is_relative_to(venv)
 
@@ -81,7 +91,11 @@ def test_a_non_editable_install_lists_and_trains_the_default_preset_from_another
     subprocess.run([str(python), "-c", script], check=True, env=_clean_env(), cwd=work)
     trained = subprocess.run(
         [str(cli), "train", "recipe.yaml", "--output", "run"],
-        capture_output=True, text=True, env=_clean_env(), cwd=work, timeout=600,
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=work,
+        timeout=600,
     )
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert (work / "run" / "bridge" / "bridge.safetensors").is_file()
