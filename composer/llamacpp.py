@@ -34,6 +34,7 @@ import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from composer.alignment import visibility_mask
+from composer.architectures import model_shape
 from composer.bridge import Bridge
 from composer.config import CompositionConfig, ConfigError, GenerationConfig
 from composer.generate import logits_processors
@@ -474,6 +475,10 @@ def _check_seen(role: str, model: LlamaCppModel, handlers: Mapping[int, Any]) ->
 # Loading
 
 
+class TwoTokenizers(ConfigError):
+    """The pair reads two vocabularies; this engine composes one (``auto`` then uses torch)."""
+
+
 def load_llamacpp_composition(
     config: CompositionConfig,
     *,
@@ -507,6 +512,13 @@ def load_llamacpp_composition(
         configs[role], tokenizers[role] = gguf_metadata(
             spec, location, sha256=sources[role]["sha256"], with_tokenizer=role == "anchor"
         )
+    vocab = {role: model_shape(c).vocab_size for role, c in configs.items()}
+    if vocab["anchor"] != vocab["specialist"]:
+        raise TwoTokenizers(
+            f"the llama.cpp engine composes models of one shared vocabulary; the anchor has "
+            f"{vocab['anchor']:,} tokens and the specialist {vocab['specialist']:,} (two "
+            "tokenizers, aligned by characters on the torch engine only): use engine torch"
+        )
     tokenizer = tokenizers["anchor"]
     if bridge is not None:
         loaded_bridge = _read_bridge(bridge, configs, sources, tokenizer)
@@ -525,12 +537,6 @@ def load_llamacpp_composition(
     }
     for role, model in models.items():
         model.config = _limited_context(configs[role], n_ctx)
-    if models["anchor"].vocab_size != models["specialist"].vocab_size:
-        raise ConfigError(
-            f"the anchor's vocabulary has {models['anchor'].vocab_size} tokens and the "
-            f"specialist's {models['specialist'].vocab_size}; composition needs one shared "
-            "vocabulary (e.g. two models of the same family)"
-        )
     logger.info(
         "llama.cpp composition: %d blocks, layer pairs %s",
         len(loaded_bridge.pairs),

@@ -437,6 +437,38 @@ def test_bridge_off_and_specialist_alone(loaded):
         chat.load_models(loaded)
 
 
+def test_the_specialist_alone_reads_and_writes_through_its_own_tokenizer(loaded):
+    from composer.chartok import build_char_tokenizer
+    from composer.generate import chat_input_ids
+
+    composition = loaded.loaded.composition
+    own = build_char_tokenizer("0123456789+=")  # other ids for the same characters
+    from composer.alignment import TextAlignment
+
+    composition.specialist_tokenizer = own
+    composition.alignment = TextAlignment(composition.tokenizer, own)
+    try:
+        reply = list(
+            chat.stream_reply(
+                loaded,
+                [{"role": "user", "content": "7+8="}],
+                chat.ChatSettings(max_new_tokens=8),
+                model="specialist",
+            )
+        )[-1]
+        ids = chat_input_ids(own, [{"role": "user", "content": "7+8="}])
+        out = composition.specialist.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=own.pad_token_id,
+        )
+        assert reply == own.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        composition.specialist_tokenizer, composition.alignment = composition.tokenizer, None
+
+
 def test_stop_ends_a_reply_early(loaded):
     stream = chat.stream_reply(
         loaded, [{"role": "user", "content": "1+1="}], chat.ChatSettings(max_new_tokens=400)

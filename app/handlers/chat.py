@@ -291,6 +291,10 @@ def stream_reply(
         )
         session.cancel.clear()
         if model == "specialist":
+            # Two tokenizers: the specialist alone reads and writes through its own.
+            if getattr(composition, "alignment", None) is not None:
+                tokenizer = composition.specialist_tokenizer
+                input_ids = prompt_ids(tokenizer, messages, settings.system_prompt)
             decode = _specialist_decode(composition, input_ids, kwargs, tokenizer)
         elif model == "anchor" or not settings.bridge:
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 def text_argument(value: Any, what: str) -> str:
     """A client's text field: a string (stripped), or "" for nothing; anything else is refused
     with a message (an HTTP client may send numbers, lists or objects)."""
