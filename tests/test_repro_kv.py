@@ -179,3 +179,32 @@ def test_repro_kv_prints_progress_at_once_and_then_at_least_every_ten_seconds(tm
     assert "training the anchor" in " ".join(text for _, text in seen)
     gaps = [b - a for (a, _), (b, _) in zip(steps, steps[1:], strict=False)]
     assert all(gap <= 15 for gap in gaps), gaps  # 10 s, with slack for a busy machine
+
+
+def test_worked_bpe_column_composes_a_specialist_with_its_own_bpe_tokenizer(tmp_path):
+    """The worked column with a specialist trained under a BPE of its own text: the recipe's
+    specialist folder carries that tokenizer, so the composition aligns by characters."""
+    from transformers import AutoTokenizer
+
+    from composer.loading import load_composition
+    from composer.repro.kv import BPE_COLUMN, make_bpe_tokenizer, make_task
+
+    settings = toy_settings(model_steps=3, context_steps=2, variants=("worked_bpe",))
+    settings = replace(settings, bpe_vocab_size=300)
+    results = run(settings, tmp_path)
+    assert {"specialist (BPE)", "anchor (context-trained)", BPE_COLUMN} <= set(results.accuracy)
+    folder = tmp_path / "models" / "specialist-bpe"
+    meta = json.loads((folder / "kv_meta.json").read_text())
+    assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 300} and meta["seed"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    task = make_task(settings)
+    assert tokenizer.get_vocab() == make_bpe_tokenizer(task, settings).get_vocab()  # seeded
+    key = task.keys[0]
+    assert len(tokenizer(key, add_special_tokens=False).input_ids) < len(key) + 1
+    recipe = json.loads((tmp_path / "runs" / "worked_bpe" / "repro_inputs.json").read_text())
+    composition = load_composition(recipe["recipe"], device="cpu")
+    assert composition.alignment is not None
+    # the character models are untouched: their meta carries no tokenizer entry
+    assert "tokenizer" not in json.loads(
+        (tmp_path / "models" / "specialist" / "kv_meta.json").read_text()
+    )

@@ -16,8 +16,11 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   no causal mask           CALM (KV-SUBS data) whose bridge may read later positions (the leak)
   specialist as encoder    CALM (KV-SUBS data) whose bridge reads the prompt's states only
   LoRA                     LoRA on the anchor with about as many parameters, same data
+  worked, BPE specialist   (variant "worked_bpe", not in the default run) the worked column with
+                           a specialist trained under its own byte-level BPE, composed with the
+                           character anchor aligned by characters; plus that specialist alone
 
-Why one module of ~630 lines: it is the experiment's harness, one driver per column, with the
+Why one module of ~700 lines: it is the experiment's harness, one driver per column, with the
 task's data rules in :mod:`composer.repro.kv_data` and model pre-training in
 :mod:`composer.repro.pretrain`.
 """
@@ -100,6 +103,12 @@ class KVSettings:
         "lora",
     )
     threads: int = 0  # 0: leave torch's default
+    # The "worked_bpe" column (not in the default run): the worked column with a specialist that
+    # reads a byte-level BPE trained on its own training text instead of the anchor's characters,
+    # composed through the alignment by characters (docs/ALIGNMENT.md, "Two tokenizers" in
+    # docs/REPRODUCTION.md). Its size and schedule are ``specialist``'s unless this is set.
+    bpe_vocab_size: int = 1000
+    bpe_specialist: ModelSize | None = None
 
 
 @dataclass
@@ -116,12 +125,39 @@ def make_tokenizer():  # noqa: ANN201
     return build_char_tokenizer(kv.ALPHABET, chat_template=False)
 
 
+BPE_TEXT_ROWS = 5000  # KV-SUBS rows (besides every key=value line) the BPE is trained on
+
+
+def make_bpe_tokenizer(task: kv.KeyValueTask, settings: KVSettings):  # noqa: ANN201
+    """A byte-level BPE trained on the specialist's own training text (every key=value line and
+    KV-SUBS over all keys, the rows the specialist learns from), from the seed: deterministic."""
+    from composer.chartok import build_bpe_tokenizer
+
+    rng = random.Random(20_000 + settings.seed)
+    rows = kv.key_lines(task) + kv.kv_subs(rng, task, BPE_TEXT_ROWS, list(task.keys))
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    return build_bpe_tokenizer(texts, vocab_size=settings.bpe_vocab_size, add_bos=True)
+
+
+def _size(settings: KVSettings, role: str) -> ModelSize:
+    if role == "anchor":
+        return settings.anchor
+    if role == "specialist-bpe" and settings.bpe_specialist is not None:
+        return settings.bpe_specialist
+    return settings.specialist
+
+
 def _meta(task: kv.KeyValueTask, settings: KVSettings, role: str) -> dict[str, Any]:
-    size = settings.anchor if role == "anchor" else settings.specialist
-    meta: dict[str, Any] = {"role": role, "num_keys": settings.num_keys, **asdict(size)}
+    meta: dict[str, Any] = {
+        "role": "specialist" if role == "specialist-bpe" else role,
+        "num_keys": settings.num_keys,
+        **asdict(_size(settings, role)),
+    }
     meta.update(operators=settings.operators, operands=list(settings.operands))
-    if role == "specialist":  # the specialist memorises this seed's key map; the anchor does not
+    if role != "anchor":  # the specialist memorises this seed's key map; the anchor does not
         meta["seed"] = settings.seed
+    if role == "specialist-bpe":  # the character models' meta stays as shipped
+        meta["tokenizer"] = {"kind": "bpe", "vocab_size": settings.bpe_vocab_size}
     return meta
 
 
@@ -154,7 +190,10 @@ def _save(model: Any, tokenizer: Any, meta: dict[str, Any], out: Path) -> Path:
 def prepare_model(
     role: str, task: kv.KeyValueTask, settings: KVSettings, out: Path, *, shipped: Path = SHIPPED
 ) -> Path:
-    """A folder with the trained model: shipped copy when it matches, else trained now."""
+    """A folder with the trained model: shipped copy when it matches, else trained now.
+
+    ``role`` is "anchor", "specialist" or "specialist-bpe" (the specialist's rows read through
+    :func:`make_bpe_tokenizer`; nothing of it ships)."""
     from composer.repro.pretrain import small_llama, train_lm
 
     meta = _meta(task, settings, role)
@@ -162,14 +201,14 @@ def prepare_model(
     if found is not None:
         logger.info("using the %s in %s", role, found)
         return found
-    size = settings.anchor if role == "anchor" else settings.specialist
-    tokenizer = make_tokenizer()
+    size = _size(settings, role)
+    tokenizer = make_bpe_tokenizer(task, settings) if role == "specialist-bpe" else make_tokenizer()
     model = small_llama(
         vocab_size=len(tokenizer),
         width=size.width,
         layers=size.layers,
         heads=size.heads,
-        seed=1 + settings.seed if role == "specialist" else 0,
+        seed=0 if role == "anchor" else 1 + settings.seed,
         tie_embeddings=size.tie_embeddings,
     )
     if role == "anchor":
@@ -186,7 +225,7 @@ def prepare_model(
         steps=size.steps,
         batch_size=size.batch_size,
         lr=size.lr,
-        seed=settings.seed if role == "specialist" else 0,  # the anchor never sees the keys
+        seed=0 if role == "anchor" else settings.seed,  # the anchor never sees the keys
     )
     return _save(model, tokenizer, meta, out)
 
@@ -260,13 +299,15 @@ def exact_match(
     part: Callable[[str], str] = lambda text: text,
 ) -> float:
     """Share of rows whose greedy completion (or the ``part`` of it scored) is exactly right."""
+    from composer.alignment import start_ids
+
     tokenizer.padding_side = "left"
+    # bos first, once: a tokenizer that puts it there itself (the BPE) gets the bare prompt
+    bos = "" if start_ids(tokenizer) else tokenizer.bos_token
     hits = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        enc = tokenizer(
-            [tokenizer.bos_token + r["prompt"] for r in chunk], return_tensors="pt", padding=True
-        )
+        enc = tokenizer([bos + r["prompt"] for r in chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
             out = generate(enc.input_ids, enc.attention_mask)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -526,7 +567,9 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             "column %d of %d: %s (done so far %s)", done + 1, total, variant, columns.status(done)
         )
         clock = time.perf_counter()
-        data_variant = variant if variant in ("math", "worked") else "subs"
+        data_variant = {"math": "math", "worked": "worked", "worked_bpe": "worked"}.get(
+            variant, "subs"
+        )
         rows = bridge_rows(
             task,
             data_variant,
@@ -545,10 +588,16 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             _save_results(results, output, column="LoRA")
             continue
         specialist, anchor = specialist_dir, anchor_dir
-        if variant == "worked":
+        if variant == "worked_bpe":
+            specialist = _bpe_specialist(task, settings, sets, results, output)
+        if variant in ("worked", "worked_bpe"):
             anchor = prepare_context_anchor(
                 task, settings, anchor_dir, output / "models" / "anchor-context"
             )
+        if (
+            variant in ("worked", "worked_bpe")
+            and "anchor (context-trained)" not in results.accuracy
+        ):
             alone = load_composition(
                 {
                     "anchor": str(anchor),
@@ -582,21 +631,51 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             prompt_only=variant == "encoder",
         )
         composition, loss = _train_calm(recipe, output / "runs" / variant)
+        if variant == "worked_bpe" and composition.alignment is None:
+            raise RuntimeError(
+                "the BPE specialist's composition shares the anchor's vocabulary; expected two "
+                "tokenizers aligned by characters"
+            )
         column = {
             "subs": "CALM (KV-SUBS data)",
             "math": "CALM (KV-MATH data)",
             "worked": "CALM (worked KV-MATH data)",
+            "worked_bpe": BPE_COLUMN,
             "random_specialist": "random specialist",
             "no_mask": "no causal mask",
             "encoder": "specialist as encoder",
         }[variant]
         results.accuracy[column] = _score(
-            _composition_generator(composition), tokenizer, sets, worked=variant == "worked"
+            _composition_generator(composition),
+            tokenizer,
+            sets,
+            worked=variant in ("worked", "worked_bpe"),
         )
         results.train_loss[column] = loss
         results.seconds[column] = time.perf_counter() - clock
         _save_results(results, output, column=column)
     return results
+
+
+BPE_COLUMN = "CALM (worked KV-MATH data, BPE specialist)"
+
+
+def _bpe_specialist(
+    task: kv.KeyValueTask, settings: KVSettings, sets: dict, results: Results, output: Path
+) -> Path:
+    """The specialist trained under its own BPE (or the one an earlier run left), scored alone
+    through that tokenizer: the "specialist (BPE)" column."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    clock = time.perf_counter()
+    folder = prepare_model("specialist-bpe", task, settings, output / "models" / "specialist-bpe")
+    results.seconds["specialist (BPE)"] = time.perf_counter() - clock
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    results.accuracy["specialist (BPE)"] = _score(
+        _hf_generator(model), AutoTokenizer.from_pretrained(folder), sets
+    )
+    _save_results(results, output, column="specialist (BPE)")
+    return folder
 
 
 def _save_results(results: Results, output: Path, *, column: str | None = None) -> None:
