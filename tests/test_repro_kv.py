@@ -208,3 +208,24 @@ def test_worked_bpe_column_composes_a_specialist_with_its_own_bpe_tokenizer(tmp_
     assert "tokenizer" not in json.loads(
         (tmp_path / "models" / "specialist" / "kv_meta.json").read_text()
     )
+
+
+def test_bpe_of_the_specialist_text_merges_keys_and_can_keep_digits_apart():
+    """The specialist's BPE is learnt from its own rows (deterministic from the seed); with
+    ``bpe_split_digits`` every digit is its own token, as the anchor writes them."""
+    from composer.repro.kv import make_bpe_tokenizer, make_task
+
+    settings = replace(KVSettings(), num_keys=100)
+    task = make_task(settings)
+    text = f"{task.keys[0]}+{task.keys[1]}=" + kv.completion(
+        task, list(task.keys[:2]), ["+"], "worked"
+    )
+    for split in (False, True):
+        tokenizer = make_bpe_tokenizer(task, replace(settings, bpe_split_digits=split))
+        ids = tokenizer(text).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        pieces = tokenizer.convert_ids_to_tokens(ids[1:])
+        assert len(pieces) < len(text)  # some characters are merged (the keys, at least)
+        digits = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert all(len(p) == 1 for p in digits) == split

@@ -108,6 +108,9 @@ class KVSettings:
     # composed through the alignment by characters (docs/ALIGNMENT.md, "Two tokenizers" in
     # docs/REPRODUCTION.md). Its size and schedule are ``specialist``'s unless this is set.
     bpe_vocab_size: int = 1000
+    # Digits as their own pre-tokens (as Llama 2's, Mistral's and Gemma's tokenizers split them),
+    # so values are written digit by digit as the anchor writes them; keys stay BPE words.
+    bpe_split_digits: bool = False
     bpe_specialist: ModelSize | None = None
 
 
@@ -136,7 +139,41 @@ def make_bpe_tokenizer(task: kv.KeyValueTask, settings: KVSettings):  # noqa: AN
     rng = random.Random(20_000 + settings.seed)
     rows = kv.key_lines(task) + kv.kv_subs(rng, task, BPE_TEXT_ROWS, list(task.keys))
     texts = [r["prompt"] + r["completion"] for r in rows]
-    return build_bpe_tokenizer(texts, vocab_size=settings.bpe_vocab_size, add_bos=True)
+    if not settings.bpe_split_digits:
+        return build_bpe_tokenizer(texts, vocab_size=settings.bpe_vocab_size, add_bos=True)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from composer.chartok import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings.bpe_vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    bos = backend.token_to_id(BOS)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
 
 
 def _size(settings: KVSettings, role: str) -> ModelSize:
@@ -158,6 +195,8 @@ def _meta(task: kv.KeyValueTask, settings: KVSettings, role: str) -> dict[str, A
         meta["seed"] = settings.seed
     if role == "specialist-bpe":  # the character models' meta stays as shipped
         meta["tokenizer"] = {"kind": "bpe", "vocab_size": settings.bpe_vocab_size}
+        if settings.bpe_split_digits:
+            meta["tokenizer"]["split_digits"] = True
     return meta
 
 
@@ -539,6 +578,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)  # the shipped models make no folder in it
     task = make_task(settings)
     results = Results(settings=json.loads(json.dumps(asdict(settings))))
     clock = time.perf_counter()
