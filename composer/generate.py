@@ -9,6 +9,7 @@ processors; streaming follows transformers' streamer protocol (``put`` then ``en
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,18 +46,66 @@ def logits_processors(
     return processors
 
 
-def _eos_ids(composition: Composition, eos_token_id: int | Sequence[int] | None) -> list[int]:
+@dataclass(frozen=True)
+class Decoding:
+    """What both engines decode with, decided once from the settings (see :func:`decoding`)."""
+
+    processors: LogitsProcessorList
+    stopping: StoppingCriteriaList
+    eos: list[int]
+    pad_token_id: int
+
+
+def decoding(
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    stop_strings: Sequence[str],
+    tokenizer: Any,
+    eos_token_id: int | Sequence[int] | None,  # None: ``model_eos``, else the tokenizer's
+    model_eos: int | Sequence[int] | None,
+    pad_token_id: int | None,  # None: the tokenizer's pad, else the first EOS, else 0
+) -> Decoding:
+    """Validate the settings (user-facing messages, as GenerationConfig gives them) and build
+    the logits processors, stop criteria, EOS ids and pad id of one ``generate`` call."""
+    GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop_strings),
+    )
     if eos_token_id is None:
-        config_eos = getattr(
-            getattr(composition.anchor, "generation_config", None), "eos_token_id", None
-        )
-        tokenizer = composition.tokenizer
         eos_token_id = (
-            config_eos if config_eos is not None else getattr(tokenizer, "eos_token_id", None)
+            model_eos if model_eos is not None else getattr(tokenizer, "eos_token_id", None)
         )
-    if eos_token_id is None:
-        return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = (
+        []
+        if eos_token_id is None
+        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    )
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    stopping = StoppingCriteriaList()
+    if stop_strings:
+        if tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; pass tokenizer= or compose with one")
+        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings)))
+    processors = logits_processors(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+    )
+    return Decoding(processors, stopping, eos, pad_token_id)
 
 
 @torch.no_grad()
@@ -87,15 +136,23 @@ def generate(
     the whole sequence at every step (``use_cache=False``). A row that hit EOS or a stop string
     is filled with ``pad_token_id`` until every row is done.
     """
-    GenerationConfig(  # validates the settings with user-facing messages
+    tokenizer = tokenizer or composition.tokenizer
+    settings = decoding(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         repetition_penalty=repetition_penalty,
-        stop=tuple(stop_strings),
+        stop_strings=stop_strings,
+        tokenizer=tokenizer,
+        eos_token_id=eos_token_id,
+        model_eos=getattr(
+            getattr(composition.anchor, "generation_config", None), "eos_token_id", None
+        ),
+        pad_token_id=pad_token_id,
     )
+    processors, stopping, eos = settings.processors, settings.stopping, settings.eos
     from composer.limits import context_of, fit_new_tokens
 
     # Before any forward: a prompt over the anchor's context is refused, a reply is shortened.
@@ -107,23 +164,7 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
-    tokenizer = tokenizer or composition.tokenizer
-    eos = _eos_ids(composition, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    processors = logits_processors(
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-    )
-    stopping = StoppingCriteriaList()
-    if stop_strings:
-        if tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer; pass tokenizer= or compose with one")
-        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings)))
+    pad_token_id = settings.pad_token_id
     eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
 
     sequence = input_ids  # (B, T + generated)

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import StoppingCriteriaList, StopStringCriteria
+from transformers import StoppingCriteriaList
 
 from composer.alignment import visibility_mask
 from composer.architectures import model_shape
 from composer.bridge import Bridge
-from composer.config import CompositionConfig, ConfigError, GenerationConfig
-from composer.generate import logits_processors
+from composer.config import CompositionConfig, ConfigError
+from composer.generate import decoding
 from composer.llamacpp_model import LayerHandler, LayerOutput, LlamaCppModel
 
 if TYPE_CHECKING:
@@ -307,14 +307,19 @@ class LlamaCppComposition:
         batch are decoded one after another (llama.cpp keeps one sequence per context); a row
         that ended early is filled with ``pad_token_id``.
         """
-        GenerationConfig(  # validates the settings with user-facing messages
+        tokenizer = tokenizer or self.tokenizer
+        chosen = decoding(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             repetition_penalty=repetition_penalty,
-            stop=tuple(stop_strings),
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+            eos_token_id=eos_token_id,
+            model_eos=self.eos_token_id,
+            pad_token_id=pad_token_id,
         )
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
@@ -323,23 +328,12 @@ class LlamaCppComposition:
             attention_mask = torch.ones_like(input_ids)
         if streamer is not None and input_ids.shape[0] != 1:
             raise ConfigError(f"streaming needs one prompt; got a batch of {input_ids.shape[0]}")
-        tokenizer = tokenizer or self.tokenizer
-        eos = _eos_list(self.eos_token_id, tokenizer, eos_token_id)
-        if pad_token_id is None:
-            pad_token_id = getattr(tokenizer, "pad_token_id", None)
-            pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         settings = dict(
-            processors=logits_processors(
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-            ),
+            processors=chosen.processors,
             do_sample=do_sample,
             max_new_tokens=max_new_tokens,
-            eos=eos,
-            stopping=_stopping(stop_strings, tokenizer),
+            eos=chosen.eos,
+            stopping=chosen.stopping,
             streamer=streamer,
             generator=generator,
             prompt_only=self.bridge.shape.prompt_only
@@ -351,7 +345,7 @@ class LlamaCppComposition:
             for row, mask in zip(input_ids, attention_mask, strict=True)
         ]
         width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        out = torch.full((len(rows), width), chosen.pad_token_id, dtype=torch.long)
         for b, r in enumerate(rows):
             out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         return out
@@ -412,28 +406,6 @@ def _one_row(input_ids: torch.Tensor | Sequence[int]) -> list[int]:
             raise ConfigError(f"expected one sequence; got a batch of {ids.shape[0]}")
         ids = ids[0]
     return ids.tolist()
-
-
-def _eos_list(
-    config_eos: int | Sequence[int] | None, tokenizer: Any, eos_token_id: int | Sequence[int] | None
-) -> list[int]:
-    """EOS ids as composer.generate picks them: given, else the anchor's, else the tokenizer's."""
-    if eos_token_id is None:
-        eos_token_id = (
-            config_eos if config_eos is not None else getattr(tokenizer, "eos_token_id", None)
-        )
-    if eos_token_id is None:
-        return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-
-
-def _stopping(stop_strings: Sequence[str], tokenizer: Any) -> StoppingCriteriaList:
-    stopping = StoppingCriteriaList()
-    if stop_strings:
-        if tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer; pass tokenizer= or compose with one")
-        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings)))
-    return stopping
 
 
 def _device_dtype(bridge: Bridge) -> tuple[torch.device, torch.dtype]:
