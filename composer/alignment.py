@@ -72,8 +72,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # text: no position ever sees a character beyond its own token (no label leak), and tokens once
 # committed never change (the specialist's KV cache stays exact). A specialist token straddling
 # the end of anchor token t's text is not committed at t; it is at the first later position whose
-# text extends past it. The specialist's own start tokens (its BOS, when its tokenizer adds one)
-# are committed at the row's first anchor token. Padding commits nothing.
+# text has begun the next word (pre-token) after it. The specialist's own start tokens (its
+# BOS, when its tokenizer adds one) are committed at the row's first anchor token. Padding
+# commits nothing.
 
 
 def start_ids(tokenizer: Any) -> tuple[int, ...]:
