@@ -49,7 +49,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe  # noqa: E402
+from _machine import append_to_benchmarks, describe  # noqa: E402
 
 import composer.composition as composition_module  # noqa: E402
 from composer import compose  # noqa: E402
@@ -462,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n## Two tokenizers: the cost of alignment ({time.strftime('%Y-%m-%d')})\n\n"
             f"Machine: {describe()}. Command: `{command.strip()}`.\n\n{text}\n"
         )
-        path = REPO / "docs" / "BENCHMARKS.md"
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(section)
-        print(f"appended to {path}", file=sys.stderr)
+        append_to_benchmarks(section)
     return 0
 
 

@@ -34,6 +34,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _machine import append_to_benchmarks  # noqa: E402
+
 METHODS = ("bridge", "lora", "naive")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -328,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n## Bridge training throughput ({stamp}, {machine_name()})\n\n"
             f"`{command.strip()}`: {header}.\n\n{text}\n"
         )
-        path = REPO / "docs" / "BENCHMARKS.md"
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(section)
-        print(f"appended to {path}", file=sys.stderr)
+        append_to_benchmarks(section)
     return 0
 
 
