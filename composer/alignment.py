@@ -124,6 +124,7 @@ class RowAligner:
         self.text = ""  # the anchor's text, final so far
         self.committed_chars = 0  # c: characters covered by committed specialist tokens
         self.committed: list[int] = []
+        self.tail: list[int] = []  # the tentative tail at the latest position (never cached)
 
     def push(self, anchor_id: int) -> list[int]:
         """Specialist tokens committed at the position of this anchor token (often none)."""
@@ -131,6 +132,7 @@ class RowAligner:
         self._ids.append(int(anchor_id))
         self._extend_text()
         rest = self.text[self.committed_chars :]
+        self.tail = []
         if rest:
             encoded = self._specialist(rest, add_special_tokens=False, return_offsets_mapping=True)
             spans = [tuple(span) for span in encoded["offset_mapping"]]
@@ -138,6 +140,7 @@ class RowAligner:
             if k:
                 new += list(encoded["input_ids"][:k])
                 self.committed_chars += spans[k - 1][1]
+            self.tail = list(encoded["input_ids"][k:])
         self.committed += new
         return new
 
@@ -170,6 +173,10 @@ class TextAlignment:
 
     anchor_tokenizer: Any
     specialist_tokenizer: Any
+    # Read each position's tentative tail (see the rule). Off only for a specialist with
+    # sliding-window attention, whose cache cannot drop the tail exactly: it then reads one word
+    # late (docs/ALIGNMENT.md).
+    tails: bool = True
 
     @cached_property
     def start(self) -> tuple[int, ...]:
@@ -195,6 +202,33 @@ class TextAlignment:
         return row.committed
 
 
+@dataclass(frozen=True)
+class AlignedTokens:
+    """What new anchor tokens give the specialist (see :func:`aligned_tokens`). Rows with fewer
+    entries than the widest are padded on the right (mask 0)."""
+
+    ids: torch.Tensor  # (B, N) newly committed specialist tokens
+    mask: torch.Tensor  # (B, N) 1 = real
+    columns: torch.Tensor  # (B, N) anchor column at which each was committed
+    # Each new anchor position's tentative tail (the tokens it holds back), one tail after
+    # another: (B, M) ids, mask, anchor column, and place within its tail (0 first).
+    tail_ids: torch.Tensor
+    tail_mask: torch.Tensor
+    tail_columns: torch.Tensor
+    tail_index: torch.Tensor
+
+
+def _padded(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, longest) tensor of ``rows`` padded on the right with ``fill``, and its 1/0 mask."""
+    n = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), n), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = 1
+    return out, mask
+
+
 def aligned_tokens(
     rows: list[RowAligner],
     input_ids: torch.Tensor,  # (B, T) new anchor tokens
@@ -202,29 +236,78 @@ def aligned_tokens(
     *,
     column_offset: int,  # anchor column of input_ids[:, 0] (tokens already seen)
     pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Push new anchor tokens through each row's aligner. Returns the newly committed specialist
-    tokens ``ids`` (B, N), their ``mask`` (B, N) and the anchor ``columns`` (B, N) at which each
-    was committed; rows with fewer than N are padded on the right (mask 0)."""
+) -> AlignedTokens:
+    """Push new anchor tokens through each row's aligner: the specialist tokens they commit, and
+    every new position's tentative tail."""
     ids_rows, column_rows = [], []
+    tail_rows, tail_column_rows, tail_index_rows = [], [], []
     for row, ids, mask in zip(rows, input_ids.tolist(), attention_mask.tolist(), strict=True):
-        got, columns = [], []
+        got, columns, tails, tail_columns, tail_index = [], [], [], [], []
         for t, (token, real) in enumerate(zip(ids, mask, strict=True)):
             if real:
                 new = row.push(token)
                 got += new
                 columns += [column_offset + t] * len(new)
+                tails += row.tail
+                tail_columns += [column_offset + t] * len(row.tail)
+                tail_index += list(range(len(row.tail)))
         ids_rows.append(got)
         column_rows.append(columns)
-    n = max((len(r) for r in ids_rows), default=0)
-    out_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    out_mask = torch.zeros((len(rows), n), dtype=torch.long)
-    out_columns = torch.zeros((len(rows), n), dtype=torch.long)
-    for b, (got, columns) in enumerate(zip(ids_rows, column_rows, strict=True)):
-        out_ids[b, : len(got)] = torch.tensor(got, dtype=torch.long)
-        out_mask[b, : len(got)] = 1
-        out_columns[b, : len(got)] = torch.tensor(columns, dtype=torch.long)
-    return out_ids, out_mask, out_columns
+        tail_rows.append(tails)
+        tail_column_rows.append(tail_columns)
+        tail_index_rows.append(tail_index)
+    ids, mask = _padded(ids_rows, pad_id)
+    tail_ids, tail_mask = _padded(tail_rows, pad_id)
+    return AlignedTokens(
+        ids=ids,
+        mask=mask,
+        columns=_padded(column_rows, 0)[0],
+        tail_ids=tail_ids,
+        tail_mask=tail_mask,
+        tail_columns=_padded(tail_column_rows, 0)[0],
+        tail_index=_padded(tail_index_rows, 0)[0],
+    )
+
+
+def tail_attention(
+    specialist_mask: torch.Tensor,  # (B, S) 1 = a committed specialist token (all so far)
+    columns: torch.Tensor,  # (B, S) anchor column at which each was committed
+    tail_mask: torch.Tensor,  # (B, M) 1 = a real tail token
+    tail_columns: torch.Tensor,  # (B, M) the anchor column whose tail it is
+    tail_index: torch.Tensor,  # (B, M) its place within that tail
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the specialist reads the tails after its committed tokens (pure). Returns the
+    (B, M, S + M) bool mask (a tail token of column t reads the tokens committed at or before t,
+    then its own tail's earlier tokens and itself: exactly what decoding at t computes) and the
+    (B, M) positions (the committed tokens before it, plus its place in the tail)."""
+    committed = specialist_mask.bool()[:, None, :] & (
+        columns[:, None, :] <= tail_columns[:, :, None]
+    )  # (B, M, S)
+    same_tail = (tail_columns[:, None, :] == tail_columns[:, :, None]) & (
+        tail_index[:, None, :] <= tail_index[:, :, None]
+    )  # (B, M, M)
+    own = same_tail & tail_mask.bool()[:, None, :]
+    own = own | torch.eye(tail_mask.shape[1], dtype=torch.bool)[None]  # padding reads itself
+    positions = committed.sum(-1) + tail_index  # (B, M)
+    return torch.cat([committed, own], dim=-1), positions
+
+
+def tail_visibility(
+    tail_mask: torch.Tensor,  # (B, M)
+    tail_columns: torch.Tensor,  # (B, M)
+    readable: torch.Tensor,  # (B, C) anchor columns whose specialist tokens the bridge may read
+    *,
+    num_queries: int,
+    query_offset: int = 0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """(B, T, M) bool: anchor query t reads the tail tokens of its own column only."""
+    keys = tail_mask.bool() & readable.bool().gather(1, tail_columns)  # (B, M)
+    b, m = keys.shape
+    if not causal:
+        return keys[:, None, :].expand(b, num_queries, m)
+    query_cols = torch.arange(num_queries, device=keys.device) + query_offset  # (T,)
+    return keys[:, None, :] & (tail_columns[:, None, :] == query_cols[None, :, None])
 
 
 def aligned_visibility(

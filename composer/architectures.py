@@ -128,3 +128,13 @@ def positions_of(config: Any) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def sliding_window(config: Any) -> bool:
+    """Whether any layer of the model attends over a sliding window (Gemma 3, Mistral), from
+    its config: such a layer's cache forgets old tokens, so it cannot be rolled back exactly."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True)

@@ -25,13 +25,16 @@ from torch import nn
 from transformers import DynamicCache
 
 from composer.alignment import (
+    AlignedTokens,
     TextAlignment,
     aligned_tokens,
     aligned_visibility,
     position_ids_from_mask,
+    tail_attention,
+    tail_visibility,
     visibility_mask,
 )
-from composer.architectures import decoder_layers, model_shape
+from composer.architectures import decoder_layers, model_shape, sliding_window
 from composer.bridge import Bridge, bridge_shape_for
 from composer.config import BridgeConfig, CompositionConfig, ConfigError
 from composer.export import save_bridge
@@ -105,7 +108,9 @@ class Composition(nn.Module):
         self.specialist_tokenizer = specialist_tokenizer if specialist_tokenizer else tokenizer
         # None: one shared vocabulary, positions line up one to one (the paper's setting).
         self.alignment: TextAlignment | None = (
-            TextAlignment(tokenizer, specialist_tokenizer)
+            TextAlignment(
+                tokenizer, specialist_tokenizer, tails=not sliding_window(specialist.config)
+            )
             if needs_alignment(tokenizer, specialist_tokenizer)
             else None
         )
@@ -227,7 +232,11 @@ class Composition(nn.Module):
         key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
         state: DecodeState | None,
         real: torch.Tensor | None = None,  # (B, N) 0 = padding whose states are zeroed
+        *,
+        cache: Any = None,  # the specialist's cache when not the state's (tails, training)
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the specialist over new tokens and make each block's keys/values from the states
+        of its paired layer; appended to the state's per-block caches when ``state`` is given."""
         _, specialist, _, specialist_layers = self._frozen
         needed = sorted({s for _, s in self.bridge.pairs})
         captured: dict[int, torch.Tensor] = {}
@@ -238,10 +247,12 @@ class Composition(nn.Module):
 
             return hook
 
-        kwargs: dict[str, Any] = {**common, "use_cache": state is not None}
+        if cache is None and state is not None:
+            cache = state.specialist_cache
+        kwargs: dict[str, Any] = {**common, "use_cache": cache is not None}
         base = specialist.base_model  # skips the LM head: only layer outputs are needed
-        if state is not None:
-            kwargs[_cache_kwarg(base)] = state.specialist_cache
+        if cache is not None:
+            kwargs[_cache_kwarg(base)] = cache
         with torch.no_grad(), forward_hooks([(specialist_layers[j], capture(j)) for j in needed]):
             base(input_ids=input_ids, **kwargs)
         device, dtype = self.bridge_device_dtype()
@@ -270,54 +281,123 @@ class Composition(nn.Module):
         state: DecodeState | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
         """Two tokenizers: commit specialist tokens for the new anchor tokens (composer.alignment),
-        run the specialist over them, and say which anchor query reads which. None while no
-        specialist token is committed yet (the bridge then adds nothing)."""
+        run the specialist over them, then over each new position's tentative tail, and say which
+        anchor query reads which. None while the specialist has read nothing yet (the bridge then
+        adds nothing)."""
         assert self.alignment is not None
         past = attention_mask.shape[1] - input_ids.shape[1]
         fresh = state is None or state.rows is None
         rows = [self.alignment.row() for _ in range(len(input_ids))] if fresh else state.rows
-        new_ids, new_mask, new_columns = aligned_tokens(
+        new = aligned_tokens(
             rows,
             input_ids.cpu(),
             attention_mask[:, past:].cpu(),
             column_offset=past,
             pad_id=self.alignment.pad_id,
-        )  # each (B, N)
-        mask, columns = new_mask, new_columns
+        )
+        mask, columns = new.mask, new.columns  # (B, S_specialist) over every committed token
         if not fresh:
-            mask = torch.cat([state.specialist_mask, new_mask], dim=1)  # (B, S_specialist)
-            columns = torch.cat([state.columns, new_columns], dim=1)
+            mask = torch.cat([state.specialist_mask, new.mask], dim=1)
+            columns = torch.cat([state.columns, new.columns], dim=1)
         if state is not None:
             state.rows, state.specialist_mask, state.columns = rows, mask, columns
+        tails = self.alignment.tails and new.tail_ids.shape[1] > 0
         keys: list[torch.Tensor] | None = state.keys if state is not None else None
         values: list[torch.Tensor] | None = state.values if state is not None else None
-        if new_ids.shape[1]:
-            device = self.specialist.get_input_embeddings().weight.device
-            # A key is rotated by the anchor position at which its token was committed, so
-            # the bridge's relative positions count anchor tokens, as with one tokenizer.
-            anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
+        device = self.specialist.get_input_embeddings().weight.device
+        # A key is rotated by the anchor position at which its token was read, so the bridge's
+        # relative positions count anchor tokens, as with one tokenizer.
+        anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
+        # Training has no state: the tails then read the committed tokens from a cache of this
+        # call only.
+        cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
+        if new.ids.shape[1]:
             common = {
                 "attention_mask": mask.to(device),
-                "position_ids": position_ids_from_mask(mask)[:, -new_ids.shape[1] :].to(device),
+                "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
             }
             keys, values = self._specialist_keys_values(
-                new_ids.to(device),
+                new.ids.to(device),
                 common,
-                anchor_positions.gather(1, new_columns),
+                anchor_positions.gather(1, new.columns),
                 state,
-                real=new_mask,
+                real=new.mask,
+                cache=cache,
             )
         if keys is None or not keys or keys[0] is None:
+            keys = values = None
+        causal = self.bridge.shape.causal
+        visible = None
+        if keys is not None:
+            visible = aligned_visibility(
+                mask,
+                columns,
+                readable.cpu(),
+                num_queries=input_ids.shape[1],
+                query_offset=past,
+                causal=causal,
+            )  # (B, T, S_specialist)
+        if tails:
+            tail_keys, tail_values = self._tail_keys_values(
+                new, mask, columns, anchor_positions, state, cache, device
+            )
+            tail_visible = tail_visibility(
+                new.tail_mask,
+                new.tail_columns,
+                readable.cpu(),
+                num_queries=input_ids.shape[1],
+                query_offset=past,
+                causal=causal,
+            )  # (B, T, M)
+            if keys is None:
+                keys, values, visible = tail_keys, tail_values, tail_visible
+            else:  # the tails are read for this call only: the state's caches never hold them
+                keys = [torch.cat([k, tk], dim=2) for k, tk in zip(keys, tail_keys, strict=True)]
+                values = [
+                    torch.cat([v, tv], dim=2) for v, tv in zip(values, tail_values, strict=True)
+                ]
+                visible = torch.cat([visible, tail_visible], dim=-1)
+        if keys is None:
             return None
-        visible = aligned_visibility(
-            mask,
-            columns,
-            readable.cpu(),
-            num_queries=input_ids.shape[1],
-            query_offset=past,
-            causal=self.bridge.shape.causal,
-        )  # (B, T, S_specialist)
         return keys, values, visible.to(keys[0].device)
+
+    def _tail_keys_values(
+        self,
+        new: AlignedTokens,
+        mask: torch.Tensor,  # (B, S) every committed specialist token so far
+        columns: torch.Tensor,  # (B, S)
+        anchor_positions: torch.Tensor,  # (B, C) position of each anchor column
+        state: DecodeState | None,
+        cache: Any,  # training: this call's cache of the committed tokens (None: none yet)
+        device: torch.device,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each new position's tentative tail, read after the committed tokens and then dropped
+        from the specialist's cache (its committed tokens are never rewritten)."""
+        if state is not None:
+            cache = state.specialist_cache
+        reads, positions = tail_attention(
+            mask, columns, new.tail_mask, new.tail_columns, new.tail_index
+        )  # (B, M, S + M), (B, M)
+        if cache is None or cache.get_seq_length() == 0:
+            reads, cache = reads[:, :, mask.shape[1] :], None  # nothing committed yet
+        dtype = self.specialist.get_input_embeddings().weight.dtype
+        additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(
+            ~reads, torch.finfo(dtype).min
+        )[:, None]  # (B, 1, M, S + M): a custom 4D mask, used as given
+        m = new.tail_ids.shape[1]
+        try:
+            keys, values = self._specialist_keys_values(
+                new.tail_ids.to(device),
+                {"attention_mask": additive.to(device), "position_ids": positions.to(device)},
+                anchor_positions.gather(1, new.tail_columns),
+                None,
+                real=new.tail_mask,
+                cache=cache,
+            )
+        finally:
+            if cache is not None and state is not None:
+                cache.crop(-m)
+        return keys, values
 
     def _residual_hook(
         self,

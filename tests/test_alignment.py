@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer.alignment import TextAlignment, committed_cut, start_ids
+from composer.alignment import AlignedTokens, TextAlignment, committed_cut, start_ids
 from composer.chartok import build_bpe_tokenizer, build_char_tokenizer
 from composer.composition import compose, needs_alignment
 from composer.config import BridgeConfig, ConfigError
@@ -82,6 +82,8 @@ def test_committed_tokens_spell_the_text_and_never_pass_the_anchors(tokenizers, 
         spelled = s_tok.decode(row.committed, skip_special_tokens=True)
         assert spelled == row.text[: row.committed_chars]  # what was read is the text so far
         assert row.committed_chars <= len(row.text)  # never a character past the anchor's
+        # with the tentative tail, the specialist reads the whole text so far, and no more
+        assert s_tok.decode(row.committed + row.tail, skip_special_tokens=True) == row.text
     assert row.text == a_tok.decode(_ids(a_tok, TEXT)[0], skip_special_tokens=True)
     assert row.committed_chars > len(TEXT) - 12  # only the last word is still held back
 
@@ -160,10 +162,15 @@ def _leaky_tokens(a_tok, s_tok):
             for start, _ in encoded["offset_mapping"]
         ]
         n = len(columns)
-        return (
-            torch.tensor([encoded["input_ids"]]),
-            torch.ones(1, n, dtype=torch.long),
-            torch.tensor([columns]) + column_offset,
+        none = torch.zeros(1, 0, dtype=torch.long)  # no tails: everything is read at once
+        return AlignedTokens(
+            ids=torch.tensor([encoded["input_ids"]]),
+            mask=torch.ones(1, n, dtype=torch.long),
+            columns=torch.tensor([columns]) + column_offset,
+            tail_ids=none,
+            tail_mask=none,
+            tail_columns=none,
+            tail_index=none,
         )
 
     return aligned
@@ -222,6 +229,50 @@ def test_teacher_forced_logits_equal_the_logits_seen_while_decoding(tokenizers, 
             stepped.append(composition.step(ids[:, t : t + 1], mask, state=state)[:, -1])
     torch.testing.assert_close(torch.stack(stepped, dim=1), forced, rtol=1e-4, atol=1e-4)
     assert state.specialist_mask.sum() == len(state.rows[0].committed)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_each_position_reads_the_word_it_is_writing_as_the_specialist_would_alone(
+    tokenizers, order
+):
+    # The tentative tail: the bridge's keys for anchor position t's tail equal those made from
+    # the specialist run alone over exactly the tokens it has read by t (committed + tail).
+    composition, a_tok, s_tok = _pair(tokenizers, order, seed=7)
+    randomize_bridge(composition, scale=0.3)
+    ids = _ids(a_tok, TEXT)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        keys, _, visible = composition._aligned_keys_values(ids, mask, mask, None)
+    k = 0  # the first block
+    _, layer = composition.pairs[k]
+    block = composition.bridge.blocks[k]
+    row = composition.alignment.row()
+    committed_so_far, checked = 0, 0
+    for t, token in enumerate(ids[0].tolist()):
+        committed_so_far += len(row.push(token))
+        if not row.tail or t % 4:
+            continue
+        # the tail keys anchor position t reads: the last visible entries of its query row
+        read = visible[0, t].nonzero().flatten()
+        assert len(read) == committed_so_far + len(row.tail)
+        tail_key = keys[k][0, :, read[-1]]  # (H, hd): the last token of t's tail
+        alone = torch.tensor([row.committed + row.tail])
+        with torch.no_grad():
+            states = composition.specialist(alone, output_hidden_states=True).hidden_states
+        position = torch.tensor([[t]])
+        expected, _ = block.keys_values(states[layer + 1][:, -1:], position)
+        torch.testing.assert_close(tail_key, expected[0, :, 0], rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked >= 5
+
+
+def test_a_sliding_window_is_read_from_the_config():
+    from transformers import Gemma3TextConfig, Qwen2Config
+
+    from composer.architectures import sliding_window
+
+    assert sliding_window(Gemma3TextConfig())
+    assert not sliding_window(Qwen2Config())
 
 
 @pytest.mark.parametrize("order", ORDERS)
