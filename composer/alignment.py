@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from composer.identity import tokenizer_fingerprint
+
 
 def visibility_mask(
     key_padding_mask: torch.Tensor,  # (B, S) 1/True = real token
@@ -68,6 +70,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # one for complete words (BPE never merges across pre-tokens), so it reads "Ġriver" and not
 # "Ġr" "iv" "er" while the anchor spells the word out one token at a time.
 #
+# The held-back tokens (the last word) are anchor position t's *tentative tail*: t also reads
+# them, run after the committed tokens and never cached (the next position tokenizes its own).
+# So position t reads the specialist's tokenization of exactly text[:e_t], and the word being
+# written is read at once instead of one word late; what is cached stays committed-only.
+#
 # So every specialist token anchor position t reads ends at or before the end of anchor token t's
 # text: no position ever sees a character beyond its own token (no label leak), and tokens once
 # committed never change (the specialist's KV cache stays exact). A specialist token straddling
@@ -75,6 +82,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # text has begun the next word (pre-token) after it. The specialist's own start tokens (its
 # BOS, when its tokenizer adds one) are committed at the row's first anchor token. Padding
 # commits nothing.
+
+
+def needs_alignment(tokenizer: Any, specialist_tokenizer: Any) -> bool:
+    """True when both tokenizers are known and map text to different ids (pure): the two models
+    then read the same text aligned by characters (composer.alignment)."""
+    if tokenizer is None or specialist_tokenizer is None or tokenizer is specialist_tokenizer:
+        return False
+    return tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(specialist_tokenizer)
 
 
 def start_ids(tokenizer: Any) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from composer.alignment import (
     TextAlignment,
     aligned_tokens,
     aligned_visibility,
+    needs_alignment,
     position_ids_from_mask,
     tail_attention,
     tail_visibility,
@@ -40,7 +41,6 @@ from composer.config import BridgeConfig, CompositionConfig, ConfigError
 from composer.export import save_bridge
 from composer.generate import generate
 from composer.hooks import forward_hooks, hidden_of, with_hidden
-from composer.identity import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -508,14 +508,6 @@ def compose(
         recipe=recipe,
         sources=sources,
     )
-
-
-def needs_alignment(tokenizer: Any, specialist_tokenizer: Any) -> bool:
-    """True when both tokenizers are known and map text to different ids (pure): the two models
-    then read the same text aligned by characters (composer.alignment)."""
-    if tokenizer is None or specialist_tokenizer is None or tokenizer is specialist_tokenizer:
-        return False
-    return tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(specialist_tokenizer)
 
 
 def check_vocabularies(

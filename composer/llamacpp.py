@@ -33,8 +33,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import StoppingCriteriaList
 
-from composer.alignment import visibility_mask
-from composer.architectures import model_shape
+from composer.alignment import (
+    RowAligner,
+    TextAlignment,
+    aligned_visibility,
+    needs_alignment,
+    tail_visibility,
+    visibility_mask,
+)
+from composer.architectures import model_shape, sliding_window
 from composer.bridge import Bridge
 from composer.config import CompositionConfig, ConfigError
 from composer.generate import decoding
@@ -122,12 +129,22 @@ class LlamaCppComposition:
         bridge: Bridge,
         *,
         tokenizer: Any,
+        specialist_tokenizer: Any = None,  # None: the anchor's (one shared vocabulary)
+        alignment: TextAlignment | None = None,  # two tokenizers: read by characters
         recipe: CompositionConfig | None = None,
         sources: dict[str, dict[str, Any]] | None = None,
         eos_token_id: int | Sequence[int] | None = None,  # the anchor config's, as torch uses
+        specialist_eos_token_id: int | Sequence[int] | None = None,
     ) -> None:
         self.anchor, self.specialist, self.bridge = anchor, specialist, bridge
         self.tokenizer = tokenizer
+        self.specialist_tokenizer = specialist_tokenizer or tokenizer
+        self.alignment = alignment
+        self.specialist_eos_token_id = specialist_eos_token_id
+        # Two tokenizers: the row's aligner, and the anchor column at which each token in the
+        # specialist's cache was committed (composer.alignment).
+        self._row: RowAligner | None = None
+        self._columns: list[int] = []
         self.recipe = recipe
         self.sources = sources or {}
         self.eos_token_id = eos_token_id
@@ -170,6 +187,10 @@ class LlamaCppComposition:
         self._truncate(0)
 
     def _truncate(self, length: int) -> None:
+        if self.alignment is not None and length:  # the aligner cannot go back: start over
+            length = 0
+        if not length:
+            self._row, self._columns = None, []
         for model in (self.anchor, self.specialist):
             if model.length > length:
                 model.truncate(length)
@@ -187,7 +208,7 @@ class LlamaCppComposition:
 
         ``read_specialist`` False: the new tokens are not added to what the bridge may read
         (the prompt-only rule); the anchor still reads the specialist's earlier positions.
-        On any error, every cache is as before the call.
+        On any error, every cache is as before the call (two tokenizers: emptied).
         """
         if self._alone == "specialist":
             return self.specialist.decode(tokens, logits=logits)
@@ -195,9 +216,13 @@ class LlamaCppComposition:
             return self.anchor.decode(tokens, logits=logits)
         start = self.anchor.length
         try:
-            if read_specialist:
+            tails: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+            if self.alignment is not None:
+                if read_specialist:
+                    tails = self._read_aligned(tokens, start)
+            elif read_specialist:
                 self._read_specialist(tokens)
-            handlers = self._anchor_handlers()
+            handlers = self._anchor_handlers(tails)
             with self.anchor.watching(handlers):
                 out = self.anchor.decode(tokens, logits=logits)
                 _check_seen("anchor", self.anchor, handlers)
@@ -206,9 +231,23 @@ class LlamaCppComposition:
             self._truncate(start)
             raise
 
-    def _read_specialist(self, tokens: Sequence[int]) -> None:
-        """Decode the tokens in the specialist; append each block's keys/values (pure torch)."""
+    def _read_specialist(self, tokens: Sequence[int], columns: Sequence[int] | None = None) -> None:
+        """Decode the tokens in the specialist; append each block's keys/values (pure torch),
+        rotated by their own positions, or by the anchor ``columns`` they were committed at."""
         start = self.specialist.length
+        positions = list(columns) if columns is not None else range(start, start + len(tokens))
+        new_keys, new_values = self._specialist_keys_values(tokens, positions)
+        for k, (keys, values) in enumerate(zip(new_keys, new_values, strict=True)):
+            if self._keys[k] is not None:
+                keys = torch.cat([self._keys[k], keys], dim=2)
+                values = torch.cat([self._values[k], values], dim=2)
+            self._keys[k], self._values[k] = keys, values
+
+    def _specialist_keys_values(
+        self, tokens: Sequence[int], positions: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decode the tokens in the specialist (appended to its cache); each block's keys and
+        values from the states of its paired layer, (1, H, T, hd), rotated by ``positions``."""
         needed = sorted({s for _, s in self.pairs})
         deepest = needed[-1]
         captured: dict[int, list[torch.Tensor]] = defaultdict(list)
@@ -224,43 +263,112 @@ class LlamaCppComposition:
             self.specialist.decode(tokens, logits=wanted)
             _check_seen("specialist", self.specialist, handlers)
         device, dtype = _device_dtype(self.bridge)
-        positions = torch.arange(start, start + len(tokens), device=device)[None]  # (1, T)
+        rotate_by = torch.tensor(list(positions), device=device)[None]  # (1, T)
+        keys, values = [], []
         for k, (block, (_, s)) in enumerate(zip(self.bridge.blocks, self.pairs, strict=True)):
             states = torch.cat(captured[s])[None].to(device=device, dtype=dtype)  # (1, T, d_s)
             _check_width("specialist", k, self.pairs[k], s, states.shape[-1], block)
-            keys, values = block.keys_values(states, positions)  # (1, H, T, hd) each
-            if self._keys[k] is not None:
-                keys = torch.cat([self._keys[k], keys], dim=2)
-                values = torch.cat([self._values[k], values], dim=2)
-            self._keys[k], self._values[k] = keys, values
+            new_keys, new_values = block.keys_values(states, rotate_by)  # (1, H, T, hd) each
+            keys.append(new_keys)
+            values.append(new_values)
+        return keys, values
 
-    def _anchor_handlers(self) -> dict[int, LayerHandler]:
-        """For each connected anchor layer: add its blocks' output to the layer output."""
+    def _read_aligned(
+        self, tokens: Sequence[int], start: int
+    ) -> list[tuple[int, list[torch.Tensor], list[torch.Tensor]]]:
+        """Two tokenizers: push each anchor token through the row's aligner, decode the
+        specialist tokens it commits (cached, keys rotated by the anchor column), then its
+        tentative tail (read, then dropped from the specialist's cache). Returns each new
+        column's tail keys/values per block, as the torch engine computes them."""
+        assert self.alignment is not None
+        if self._row is None:
+            self._row = self.alignment.row()
+        tails = []
+        for column, token in enumerate(tokens, start=start):
+            committed = self._row.push(token)
+            if committed:
+                self._read_specialist(committed, [column] * len(committed))
+                self._columns += [column] * len(committed)
+            tail = self._row.tail
+            if tail and self.alignment.tails:
+                length = self.specialist.length
+                try:
+                    keys, values = self._specialist_keys_values(tail, [column] * len(tail))
+                finally:
+                    self.specialist.truncate(length)
+                tails.append((column, keys, values))
+        return tails
+
+    def _anchor_handlers(
+        self, tails: Sequence[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = ()
+    ) -> dict[int, LayerHandler]:
+        """For each connected anchor layer: add its blocks' output to the layer output.
+
+        ``tails`` (two tokenizers): each new column's tentative tail keys/values per block,
+        read by that column's query only, after the committed tokens."""
         blocks_at: dict[int, list[int]] = defaultdict(list)
         for k, (anchor_layer, _) in enumerate(self.pairs):
             blocks_at[anchor_layer].append(k)
         readable = self.specialist.length  # specialist positions 0 .. readable - 1
         device, dtype = _device_dtype(self.bridge)
         causal = self.bridge.shape.causal
+        keys, values = self._keys, self._values
+        if tails:
+            keys = [
+                torch.cat([*([] if c is None else [c]), *(t[1][k] for t in tails)], dim=2)
+                for k, c in enumerate(self._keys)
+            ]  # (1, H, S + M, hd)
+            values = [
+                torch.cat([*([] if c is None else [c]), *(t[2][k] for t in tails)], dim=2)
+                for k, c in enumerate(self._values)
+            ]
+        tail_columns = torch.tensor(
+            [[column for column, tail_keys, _ in tails for _ in range(tail_keys[0].shape[2])]],
+            dtype=torch.long,
+        )  # (1, M): the anchor column whose tail each tail key is
+
+        def visibility(positions: torch.Tensor) -> torch.Tensor:  # (1, rows, S [+ M])
+            offset = int(positions[0, 0])
+            if self.alignment is None:
+                return visibility_mask(
+                    torch.ones(1, readable, dtype=torch.bool, device=device),
+                    num_queries=positions.shape[1],
+                    query_offset=offset,
+                    causal=causal,
+                )
+            columns = torch.tensor([self._columns], dtype=torch.long)  # (1, S)
+            every = torch.ones(1, offset + positions.shape[1], dtype=torch.long)
+            committed = aligned_visibility(
+                torch.ones_like(columns),
+                columns,
+                every,
+                num_queries=positions.shape[1],
+                query_offset=offset,
+                causal=causal,
+            )
+            tail = tail_visibility(
+                torch.ones_like(tail_columns),
+                tail_columns,
+                every,
+                num_queries=positions.shape[1],
+                query_offset=offset,
+                causal=causal,
+            )
+            return torch.cat([committed, tail], dim=-1).to(device)
 
         def handler_for(layer: int, block_ids: list[int]) -> LayerHandler:
             def handler(view: LayerOutput) -> bool:
-                if readable == 0:
-                    return True
+                if keys[block_ids[0]] is None:
+                    return True  # nothing read yet: the anchor alone
                 hidden = view.read()  # (rows, d_anchor) float32
                 positions = view.positions.to(device)[None]  # (1, rows), consecutive
-                visible = visibility_mask(
-                    torch.ones(1, readable, dtype=torch.bool, device=device),
-                    num_queries=positions.shape[1],
-                    query_offset=int(positions[0, 0]),
-                    causal=causal,
-                )  # (1, rows, readable)
+                visible = visibility(positions)
                 x = hidden[None].to(device=device, dtype=dtype)  # (1, rows, d_anchor)
                 delta = None
                 for k in block_ids:
                     block = self.bridge.blocks[k]
                     _check_width("anchor", k, self.pairs[k], layer, x.shape[-1], block)
-                    out = block(x, self._keys[k], self._values[k], visible, positions)
+                    out = block(x, keys[k], values[k], visible, positions)
                     delta = out if delta is None else delta + out
                 view.write(hidden + delta[0].to(device="cpu", dtype=torch.float32))
                 return True
@@ -307,7 +415,9 @@ class LlamaCppComposition:
         batch are decoded one after another (llama.cpp keeps one sequence per context); a row
         that ended early is filled with ``pad_token_id``.
         """
-        tokenizer = tokenizer or self.tokenizer
+        # Inside specialist_alone() with two tokenizers, the ids are the specialist's own.
+        own = self._alone == "specialist" and self.alignment is not None
+        tokenizer = tokenizer or (self.specialist_tokenizer if own else self.tokenizer)
         chosen = decoding(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -318,7 +428,7 @@ class LlamaCppComposition:
             stop_strings=stop_strings,
             tokenizer=tokenizer,
             eos_token_id=eos_token_id,
-            model_eos=self.eos_token_id,
+            model_eos=self.specialist_eos_token_id if own else self.eos_token_id,
             pad_token_id=pad_token_id,
         )
         input_ids = torch.as_tensor(input_ids)
@@ -447,10 +557,6 @@ def _check_seen(role: str, model: LlamaCppModel, handlers: Mapping[int, Any]) ->
 # Loading
 
 
-class TwoTokenizers(ConfigError):
-    """The pair reads two vocabularies; this engine composes one (``auto`` then uses torch)."""
-
-
 def load_llamacpp_composition(
     config: CompositionConfig,
     *,
@@ -482,18 +588,22 @@ def load_llamacpp_composition(
     for role, location in locations.items():
         spec = getattr(config, role)
         configs[role], tokenizers[role] = gguf_metadata(
-            spec, location, sha256=sources[role]["sha256"], with_tokenizer=role == "anchor"
+            spec, location, sha256=sources[role]["sha256"]
         )
-    vocab = {role: model_shape(c).vocab_size for role, c in configs.items()}
-    if vocab["anchor"] != vocab["specialist"]:
-        raise TwoTokenizers(
-            f"the llama.cpp engine composes models of one shared vocabulary; the anchor has "
-            f"{vocab['anchor']:,} tokens and the specialist {vocab['specialist']:,} (two "
-            "tokenizers, aligned by characters on the torch engine only): use engine torch"
+    # Two tokenizers read the same text aligned by characters, as on the torch engine.
+    alignment = (
+        TextAlignment(
+            tokenizers["anchor"],
+            tokenizers["specialist"],
+            tails=not sliding_window(configs["specialist"]),
         )
-    tokenizer = tokenizers["anchor"]
+        if needs_alignment(tokenizers["anchor"], tokenizers["specialist"])
+        else None
+    )
+    if alignment is None:
+        tokenizers["specialist"] = tokenizers["anchor"]
     if bridge is not None:
-        loaded_bridge = _read_bridge(bridge, configs, sources, tokenizer)
+        loaded_bridge = _read_bridge(bridge, configs, sources, tokenizers)
     else:
         shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
         # the same new bridge as the torch engine's for a seed, the caller's generator untouched
@@ -518,10 +628,13 @@ def load_llamacpp_composition(
         models["anchor"],
         models["specialist"],
         loaded_bridge,
-        tokenizer=tokenizer,
+        tokenizer=tokenizers["anchor"],
+        specialist_tokenizer=tokenizers["specialist"],
+        alignment=alignment,
         recipe=config,
         sources=sources,
         eos_token_id=getattr(configs["anchor"], "eos_token_id", None),
+        specialist_eos_token_id=getattr(configs["specialist"], "eos_token_id", None),
     )
 
 
@@ -577,7 +690,6 @@ def _limited_context(config: Any, n_ctx: int) -> Any:
 def gguf_identity(config: Any, *, source: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """A GGUF model's identity as composer.identity.model_identity records it, without torch
     weights: the file's sha256 stands for them (no weights fingerprint to compare)."""
-    from composer.architectures import model_shape
     from composer.identity import tokenizer_fingerprint
 
     shape = model_shape(config)
@@ -598,10 +710,9 @@ def _read_bridge(
     path: str | os.PathLike,
     configs: Mapping[str, Any],
     sources: Mapping[str, dict[str, Any]],
-    tokenizer: Any,
+    tokenizers: Mapping[str, Any],
 ) -> Bridge:
     """The saved bridge, refused unless it was made for these two models (as export checks)."""
-    from composer.architectures import model_shape
     from composer.bridge import BridgeShape
     from composer.export import WEIGHTS, check_bridge_tensors, read_bridge_config, read_safetensors
     from composer.identity import identity_mismatches
@@ -611,7 +722,7 @@ def _read_bridge(
     saved = read_bridge_config(path)
     problems = []
     for role in ("anchor", "specialist"):
-        current = gguf_identity(configs[role], source=sources[role], tokenizer=tokenizer)
+        current = gguf_identity(configs[role], source=sources[role], tokenizer=tokenizers[role])
         problems += identity_mismatches(role, saved[role], current)
     if problems:
         raise ConfigError(

@@ -357,14 +357,9 @@ def load_composition(
     """
     config = recipe if isinstance(recipe, CompositionConfig) else read_recipe(recipe)
     if resolve_engine(config, engine) == "llama.cpp":
-        from composer.llamacpp import TwoTokenizers, load_llamacpp_composition
+        from composer.llamacpp import load_llamacpp_composition
 
-        try:
-            return load_llamacpp_composition(config, bridge=bridge, seed=seed)
-        except TwoTokenizers as exc:
-            if engine != "auto":
-                raise
-            logger.info("engine auto: using torch because %s", exc)
+        return load_llamacpp_composition(config, bridge=bridge, seed=seed)
     anchor = load_model(config.anchor, device=device)
     specialist = load_model(config.specialist, device=device)
     sources = {"anchor": anchor.source, "specialist": specialist.source}

@@ -11,9 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer.alignment import AlignedTokens, TextAlignment, committed_cut, start_ids
+from composer.alignment import (
+    AlignedTokens,
+    TextAlignment,
+    committed_cut,
+    needs_alignment,
+    start_ids,
+)
 from composer.chartok import build_bpe_tokenizer, build_char_tokenizer
-from composer.composition import compose, needs_alignment
+from composer.composition import compose
 from composer.config import BridgeConfig, ConfigError
 from tests.conftest import pico_llama, pico_qwen2, randomize_bridge
 

@@ -465,30 +465,3 @@ def test_the_cli_generates_with_the_llama_cpp_engine(engines, tmp_path, capsys):
     assert out.out.strip() == expected.strip()
     assert "[llama.cpp: " in out.err and "tokens/s]" in out.err
     assert yaml.safe_load(recipe.read_text())["anchor"]["model"].endswith(".gguf")
-
-
-@pytest.mark.slow
-def test_two_tokenizers_are_refused_by_name_before_the_models_load(gguf, monkeypatch):
-    """SmolLM2 with Qwen2.5-Coder-0.5B (two families, two vocabularies): an explicit llama.cpp
-    engine says why and what to use, before llama.cpp loads either model."""
-    import composer.llamacpp
-    from composer.llamacpp import TwoTokenizers, load_llamacpp_composition
-
-    qwen = (
-        Path(__file__).resolve().parents[1]
-        / "presets/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
-    )
-    if not qwen.is_file():
-        pytest.skip("the Qwen GGUF is missing: calm-composer fetch presets/qwen-coder-cpu.yaml")
-
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise AssertionError("llama.cpp loaded a model before the vocabularies were compared")
-
-    monkeypatch.setattr(composer.llamacpp, "LlamaCppModel", refuse)
-    recipe = CompositionConfig.from_dict(
-        {"anchor": {"model": str(gguf)}, "specialist": {"model": str(qwen)}}
-    )
-    with pytest.raises(
-        TwoTokenizers, match="49,152 tokens and the specialist 151,936.*engine torch"
-    ):
-        load_llamacpp_composition(recipe)
