@@ -308,22 +308,32 @@ class Composition(nn.Module):
         # A key is rotated by the anchor position at which its token was read, so the bridge's
         # relative positions count anchor tokens, as with one tokenizer.
         anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
-        # Training has no state: the tails then read the committed tokens from a cache of this
-        # call only.
-        cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
-        if new.ids.shape[1]:
-            common = {
-                "attention_mask": mask.to(device),
-                "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
-            }
-            keys, values = self._specialist_keys_values(
-                new.ids.to(device),
-                common,
-                anchor_positions.gather(1, new.columns),
-                state,
-                real=new.mask,
-                cache=cache,
+        tail_keys = tail_values = None
+        if tails and state is not None and input_ids.shape[1] == 1:
+            keys, values, tail_keys, tail_values = self._step_keys_values(
+                new, mask, anchor_positions, state, device
             )
+        else:
+            # Training has no state: the tails then read the committed tokens from a cache of
+            # this call only.
+            cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
+            if new.ids.shape[1]:
+                common = {
+                    "attention_mask": mask.to(device),
+                    "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
+                }
+                keys, values = self._specialist_keys_values(
+                    new.ids.to(device),
+                    common,
+                    anchor_positions.gather(1, new.columns),
+                    state,
+                    real=new.mask,
+                    cache=cache,
+                )
+            if tails:
+                tail_keys, tail_values = self._tail_keys_values(
+                    new, mask, columns, anchor_positions, state, cache, device
+                )
         if keys is None or not keys or keys[0] is None:
             keys = values = None
         causal = self.bridge.shape.causal
@@ -337,10 +347,7 @@ class Composition(nn.Module):
                 query_offset=past,
                 causal=causal,
             )  # (B, T, S_specialist)
-        if tails:
-            tail_keys, tail_values = self._tail_keys_values(
-                new, mask, columns, anchor_positions, state, cache, device
-            )
+        if tail_keys is not None:
             tail_visible = tail_visibility(
                 new.tail_mask,
                 new.tail_columns,
@@ -360,6 +367,44 @@ class Composition(nn.Module):
         if keys is None:
             return None
         return keys, values, visible.to(keys[0].device)
+
+    def _step_keys_values(
+        self,
+        new: AlignedTokens,  # what one new anchor token gives
+        mask: torch.Tensor,  # (B, S) every committed specialist token, the new ones included
+        anchor_positions: torch.Tensor,  # (B, C)
+        state: DecodeState,
+        device: torch.device,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """One decoding step in one specialist pass: the newly committed tokens, then the tail.
+        With one new anchor token every committed token is at or before its column, so the
+        tail reads all of them and the pass is plain causal. The tail is then cropped from the
+        cache; the committed tokens' keys/values are appended to the state's. Returns the
+        state's keys and values (every committed token) and the tail's."""
+        n, m = new.ids.shape[1], new.tail_ids.shape[1]
+        ids = torch.cat([new.ids, new.tail_ids], dim=1)  # (B, N + M)
+        real = torch.cat([new.mask, new.tail_mask], dim=1)
+        seen = torch.cat([mask, new.tail_mask], dim=1)  # (B, S + M)
+        common = {
+            "attention_mask": seen.to(device),
+            "position_ids": position_ids_from_mask(seen)[:, -(n + m) :].to(device),
+        }
+        rotate_by = anchor_positions.gather(1, torch.cat([new.columns, new.tail_columns], dim=1))
+        try:
+            keys, values = self._specialist_keys_values(
+                ids.to(device), common, rotate_by, None, real=real, cache=state.specialist_cache
+            )
+        finally:
+            state.specialist_cache.crop(-m)
+        for k in range(len(keys) if n else 0):
+            committed_k, committed_v = keys[k][:, :, :n], values[k][:, :, :n]
+            if state.keys[k] is not None:
+                committed_k = torch.cat([state.keys[k], committed_k], dim=2)  # (B, H, S, hd)
+                committed_v = torch.cat([state.values[k], committed_v], dim=2)
+            state.keys[k], state.values[k] = committed_k, committed_v
+        tail_keys = [k[:, :, n:] for k in keys]
+        tail_values = [v[:, :, n:] for v in values]
+        return state.keys, state.values, tail_keys, tail_values
 
     def _tail_keys_values(
         self,
