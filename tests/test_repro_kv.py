@@ -71,6 +71,7 @@ def toy_settings(*, model_steps: int, **changes) -> KVSettings:
         num_keys=30,
         anchor=tiny,
         specialist=tiny,
+        bpe_specialist=tiny,
         bridge_pairs=((0, 1), (1, 1)),
         bridge_heads=2,
         bridge_head_dim=8,
@@ -195,7 +196,8 @@ def test_worked_bpe_column_composes_a_specialist_with_its_own_bpe_tokenizer(tmp_
     assert {"specialist (BPE)", "anchor (context-trained)", BPE_COLUMN} <= set(results.accuracy)
     folder = tmp_path / "models" / "specialist-bpe"
     meta = json.loads((folder / "kv_meta.json").read_text())
-    assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 300} and meta["seed"] == 0
+    assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 300, "split_digits": True}
+    assert meta["seed"] == 0
     tokenizer = AutoTokenizer.from_pretrained(folder)
     task = make_task(settings)
     assert tokenizer.get_vocab() == make_bpe_tokenizer(task, settings).get_vocab()  # seeded
