@@ -343,3 +343,22 @@ def aligned_visibility(
     query_cols = torch.arange(num_queries, device=keys.device) + query_offset  # (T,)
     seen = columns[:, None, :] <= query_cols[None, :, None]  # (B, T, S)
     return keys[:, None, :] & seen
+
+
+def read_visibility(
+    specialist_mask: torch.Tensor,  # (B, S) 1 = a committed specialist token
+    columns: torch.Tensor,  # (B, S) anchor column at which each was committed
+    tail_mask: torch.Tensor,  # (B, M) 1 = a real tail token
+    tail_columns: torch.Tensor,  # (B, M) the anchor column whose tail it is
+    readable: torch.Tensor,  # (B, C) anchor columns whose specialist tokens the bridge may read
+    *,
+    num_queries: int,
+    query_offset: int = 0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """(B, T, S + M) bool: what anchor query t reads of the committed tokens, then of the new
+    positions' tails (:func:`aligned_visibility`, :func:`tail_visibility`); both engines."""
+    where = {"num_queries": num_queries, "query_offset": query_offset, "causal": causal}
+    committed = aligned_visibility(specialist_mask, columns, readable, **where)
+    tail = tail_visibility(tail_mask, tail_columns, readable, **where)
+    return torch.cat([committed, tail], dim=-1)

@@ -31,8 +31,8 @@ from composer.alignment import (
     aligned_visibility,
     needs_alignment,
     position_ids_from_mask,
+    read_visibility,
     tail_attention,
-    tail_visibility,
     visibility_mask,
 )
 from composer.architectures import decoder_layers, model_shape, sliding_window
@@ -336,36 +336,27 @@ class Composition(nn.Module):
                 )
         if keys is None or not keys or keys[0] is None:
             keys = values = None
-        causal = self.bridge.shape.causal
-        visible = None
-        if keys is not None:
-            visible = aligned_visibility(
-                mask,
-                columns,
-                readable.cpu(),
-                num_queries=input_ids.shape[1],
-                query_offset=past,
-                causal=causal,
-            )  # (B, T, S_specialist)
-        if tail_keys is not None:
-            tail_visible = tail_visibility(
-                new.tail_mask,
-                new.tail_columns,
-                readable.cpu(),
-                num_queries=input_ids.shape[1],
-                query_offset=past,
-                causal=causal,
-            )  # (B, T, M)
+        where = {
+            "num_queries": input_ids.shape[1],
+            "query_offset": past,
+            "causal": self.bridge.shape.causal,
+        }
+        if tail_keys is None:
             if keys is None:
-                keys, values, visible = tail_keys, tail_values, tail_visible
-            else:  # the tails are read for this call only: the state's caches never hold them
+                return None
+            visible = aligned_visibility(mask, columns, readable.cpu(), **where)  # (B, T, S)
+        else:
+            visible = read_visibility(
+                mask, columns, new.tail_mask, new.tail_columns, readable.cpu(), **where
+            )  # (B, T, S + M)
+            # The tails are read for this call only: the state's caches never hold them.
+            if keys is None:  # nothing committed yet
+                keys, values = tail_keys, tail_values
+            else:
                 keys = [torch.cat([k, tk], dim=2) for k, tk in zip(keys, tail_keys, strict=True)]
                 values = [
                     torch.cat([v, tv], dim=2) for v, tv in zip(values, tail_values, strict=True)
                 ]
-                visible = torch.cat([visible, tail_visible], dim=-1)
-        if keys is None:
-            return None
         return keys, values, visible.to(keys[0].device)
 
     def _step_keys_values(

@@ -36,9 +36,8 @@ from transformers import StoppingCriteriaList
 from composer.alignment import (
     RowAligner,
     TextAlignment,
-    aligned_visibility,
     needs_alignment,
-    tail_visibility,
+    read_visibility,
     visibility_mask,
 )
 from composer.architectures import model_shape, sliding_window
@@ -337,24 +336,16 @@ class LlamaCppComposition:
                     causal=causal,
                 )
             columns = torch.tensor([self._columns], dtype=torch.long)  # (1, S)
-            every = torch.ones(1, offset + positions.shape[1], dtype=torch.long)
-            committed = aligned_visibility(
+            return read_visibility(
                 torch.ones_like(columns),
                 columns,
-                every,
-                num_queries=positions.shape[1],
-                query_offset=offset,
-                causal=causal,
-            )
-            tail = tail_visibility(
                 torch.ones_like(tail_columns),
                 tail_columns,
-                every,
+                torch.ones(1, offset + positions.shape[1], dtype=torch.long),  # all readable
                 num_queries=positions.shape[1],
                 query_offset=offset,
                 causal=causal,
-            )
-            return torch.cat([committed, tail], dim=-1).to(device)
+            ).to(device)
 
         def handler_for(layer: int, block_ids: list[int]) -> LayerHandler:
             def handler(view: LayerOutput) -> bool:
