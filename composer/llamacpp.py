@@ -604,12 +604,16 @@ def load_llamacpp_composition(
             loaded_bridge = Bridge(shape, dtype=config.bridge.dtype)
     loaded_bridge.requires_grad_(False)
     loaded_bridge.eval()
-    models = {
-        role: LlamaCppModel(location.folder / location.gguf_file, n_ctx=n_ctx, n_threads=n_threads)
-        for role, location in locations.items()
-    }
-    for role, model in models.items():
-        model.config = _limited_context(configs[role], n_ctx)
+    models = {}
+    for role, location in locations.items():
+        # each context as long as asked but no longer than the model was trained for
+        config = _limited_context(configs[role], n_ctx)
+        models[role] = LlamaCppModel(
+            location.folder / location.gguf_file,
+            n_ctx=config.max_position_embeddings,
+            n_threads=n_threads,
+        )
+        models[role].config = config
     logger.info(
         "llama.cpp composition: %d blocks, layer pairs %s",
         len(loaded_bridge.pairs),

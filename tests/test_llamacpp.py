@@ -51,8 +51,9 @@ def gguf() -> Path:
 def _recipe(gguf: Path, **bridge) -> CompositionConfig:
     return CompositionConfig.from_dict(
         {
-            "anchor": {"model": str(gguf)},
-            "specialist": {"model": str(gguf)},
+            # float32 in torch: the reference, whatever dtype auto would pick on this CPU
+            "anchor": {"model": str(gguf), "dtype": "float32"},
+            "specialist": {"model": str(gguf), "dtype": "float32"},
             "bridge": {"pairs": PAIRS, "num_heads": 4, "head_dim": 32, **bridge},
         }
     )
@@ -184,8 +185,8 @@ def test_a_random_bridge_agrees_with_the_torch_engine_on_the_same_gguf(engines):
         torch_anchor = on_torch(text).logits.float()
     # The random bridge matters: the composition is far from the anchor alone.
     assert (reference.argmax(-1) != torch_anchor.argmax(-1)).float().mean() > 0.2
-    agree = (composed.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, agree
+    agree = (composed.argmax(-1) == reference.argmax(-1)).sum().item()  # of 200, in integers
+    assert agree >= 190, agree
     difference = (composed - reference).abs().max().item()
     with on_llama.bridge_off():
         llama_anchor = on_llama.logits(text)
