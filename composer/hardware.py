@@ -11,11 +11,12 @@ The answer is decided once per process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -129,3 +130,22 @@ def configure_cuda_allocator() -> bool:
     os.environ[ALLOCATOR_ENV[0]] = setting
     logger.debug("%s=%s", ALLOCATOR_ENV[0], setting)
     return True
+
+
+@contextlib.contextmanager
+def flushed_denormals(enabled: bool) -> Iterator[None]:
+    """On a CPU, treat subnormal floats (|x| < 1.2e-38 in float32) as zero inside the block.
+
+    Late in training, as the loss falls, gradients through the frozen models reach subnormal
+    values, and x86 CPUs compute those ~100x slower than normal floats: the default preset's
+    steps slowed by 40% between its first and its last 100 steps (docs/BENCHMARKS.md). Flushed,
+    each step costs the same. GPUs flush on their own. torch has no getter for the flag, so the
+    block ends with torch's default (off).
+    """
+    if not enabled or not torch.set_flush_denormal(True):  # False: this CPU cannot (no SSE3)
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)

@@ -266,7 +266,7 @@ def train(
     """
     from accelerate import Accelerator
 
-    from composer.hardware import configure_cuda_allocator
+    from composer.hardware import configure_cuda_allocator, flushed_denormals
 
     configure_cuda_allocator()  # before accelerate touches CUDA (no effect once it has)
     config, training, data = read_training_settings(recipe, recipe_dir=recipe_dir)
@@ -301,6 +301,7 @@ def train(
         with (
             run_guards.log_to_file(output / progress.LOG if main else None),
             run_guards.StopRequest().installed() as stop,
+            flushed_denormals(enabled=not cuda),
         ):
             try:
                 return run.execute(composition, stop)

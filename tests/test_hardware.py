@@ -76,3 +76,17 @@ def test_auto_on_cpu_follows_the_decision_and_is_decided_once(monkeypatch):
 def test_the_timed_probe_returns_two_positive_times():
     bf16_s, fp32_s = hardware.time_matmul(size=64, repeats=1)
     assert bf16_s > 0 and fp32_s > 0
+
+
+def test_training_on_a_cpu_flushes_subnormals_inside_the_block_only():
+    from composer.hardware import flushed_denormals
+
+    def product() -> float:  # 1e-40 is subnormal in float32 (the smallest normal is 1.2e-38)
+        return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()
+
+    assert product() > 0
+    with flushed_denormals(enabled=True):
+        assert product() == 0.0
+    assert product() > 0  # torch's default again after the block
+    with flushed_denormals(enabled=False):  # a GPU run leaves the CPU flag alone
+        assert product() > 0
