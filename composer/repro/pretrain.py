@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from composer.data import collate, encode
+from composer.hardware import flushed_denormals
 from composer.pacing import Pacer
 
 logger = logging.getLogger(__name__)
@@ -69,23 +70,25 @@ def train_lm(
     )
     losses, running = [], 0.0
     pacer, since = Pacer(total=steps), 0  # a progress line at least every 10 s
-    for step in range(1, steps + 1):
-        batch = batch_of(sample(rng, batch_size), tokenizer)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
-        since += 1
-        if step % log_every == 0:
-            losses.append(running / log_every)
-            if on_log is not None:
-                on_log(step, losses[-1])
-        if pacer.due(step) or step % log_every == 0:
-            logger.info("step %s, loss %.4f", pacer.status(step), running / since)
-        if step % log_every == 0:
-            running, since = 0.0, 0
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with flushed_denormals(enabled=on_cpu):  # as train() does: late steps stay as fast
+        for step in range(1, steps + 1):
+            batch = batch_of(sample(rng, batch_size), tokenizer)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.item()
+            since += 1
+            if step % log_every == 0:
+                losses.append(running / log_every)
+                if on_log is not None:
+                    on_log(step, losses[-1])
+            if pacer.due(step) or step % log_every == 0:
+                logger.info("step %s, loss %.4f", pacer.status(step), running / since)
+            if step % log_every == 0:
+                running, since = 0.0, 0
     model.eval()
     return losses
