@@ -52,18 +52,27 @@ def _check_supported(config: Any) -> None:
 def write_gguf(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
     """The transformers Llama model in ``folder`` as a float32 GGUF file at ``path``."""
     import gguf
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     folder, path = Path(folder), Path(path)
     config = AutoConfig.from_pretrained(folder)
     _check_supported(config)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(
+            f"{weights} is missing; write_gguf reads one unsharded model.safetensors (save the "
+            "model with save_pretrained(..., max_shard_size='100GB'))"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tensors = load_file(folder / "model.safetensors")
+    tensors = load_file(weights)  # torch, not numpy: numpy has no bfloat16
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
 
-    writer = gguf.GGUFWriter(path, arch="llama")
+    # Written beside the target and renamed at the end: a failure leaves no truncated GGUF.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, arch="llama")
     writer.add_name(folder.name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(config.max_position_embeddings)
@@ -111,16 +120,19 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:
             raise ConfigError(f"{folder}: no GGUF name for tensor {hf_name!r}")
-        value = value.astype(np.float32)
+        value = value.float().numpy()
         if hf_name.endswith("q_proj.weight"):
             value = halves_to_pairs(value, heads)
         elif hf_name.endswith("k_proj.weight"):
             value = halves_to_pairs(value, kv_heads)
         writer.add_tensor(name, np.ascontiguousarray(value))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

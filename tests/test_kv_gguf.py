@@ -61,13 +61,18 @@ def test_a_written_gguf_loads_back_with_the_same_weights(ggufs, role):
 
 
 def test_other_architectures_are_refused_by_name(tmp_path):
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
 
     Qwen2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
         tmp_path
     )
     with pytest.raises(ConfigError, match="model_type is 'qwen2'.*convert_hf_to_gguf"):
         write_gguf(tmp_path, tmp_path / "out.gguf")
+    llama = tmp_path / "llama"
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(llama)
+    with pytest.raises(ConfigError, match="model.safetensors is missing"):
+        write_gguf(llama, tmp_path / "out.gguf")
+    assert not list(tmp_path.glob("out.gguf*"))  # nothing half-written
 
 
 def _gguf_recipe(ggufs: dict[str, Path]) -> dict:
