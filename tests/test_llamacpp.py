@@ -466,3 +466,57 @@ def test_the_cli_generates_with_the_llama_cpp_engine(engines, tmp_path, capsys):
     assert out.out.strip() == expected.strip()
     assert "[llama.cpp: " in out.err and "tokens/s]" in out.err
     assert yaml.safe_load(recipe.read_text())["anchor"]["model"].endswith(".gguf")
+
+
+def test_the_specialist_runs_beside_the_anchor_only_where_it_can_hide_behind_it():
+    from composer.llamacpp import overlap_threads
+
+    assert overlap_threads(2, lowest_anchor_layer=12, anchor_layers=28) == (1, 1)
+    assert overlap_threads(8, lowest_anchor_layer=12, anchor_layers=28) == (6, 2)
+    assert overlap_threads(16, lowest_anchor_layer=7, anchor_layers=28) == (12, 4)
+    assert overlap_threads(1, lowest_anchor_layer=12, anchor_layers=28) is None  # no spare core
+    assert overlap_threads(8, lowest_anchor_layer=0, anchor_layers=6) is None  # nothing to hide
+    assert overlap_threads(8, lowest_anchor_layer=6, anchor_layers=28) is None  # too little
+
+
+@pytest.mark.slow
+def test_the_specialist_beside_the_anchor_gives_the_same_logits_and_leaves_no_state_on_error(
+    engines,
+):
+    """The overlapped step (specialist in a second thread, the anchor's first connected layer
+    waiting for it) computes what the one-after-the-other step computes; an error in the
+    specialist's thread surfaces in the caller and leaves every cache empty."""
+    from composer.llamacpp import load_llamacpp_composition
+
+    _, on_llama, folder = engines
+    assert on_llama.overlap is None  # these pairs start at anchor layer 5 of 30: in turn
+    assert isinstance(on_llama.recipe, CompositionConfig)  # the recipe, not a model's config
+    beside = load_llamacpp_composition(on_llama.recipe, bridge=folder, overlap=True, n_threads=2)
+    try:
+        assert beside.overlap == (1, 1)
+        ids = _ids(on_llama.tokenizer, TEXT, 48)
+        assert torch.allclose(beside.logits(ids), on_llama.logits(ids), atol=1e-4, rtol=0)
+        prompt = ids[:, :24]
+        before = on_llama.generate(prompt, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(beside.generate(prompt, max_new_tokens=12, eos_token_id=[]), before)
+
+        block = beside.bridge.blocks[2]
+        calls = []
+
+        def failing(*args, **kwargs):  # runs in the specialist's thread
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom in the specialist's keys")
+            return type(block).keys_values(block, *args, **kwargs)
+
+        block.keys_values = failing
+        try:
+            with pytest.raises(RuntimeError, match="boom in the specialist's keys"):
+                beside.generate(prompt, max_new_tokens=8, eos_token_id=[])
+        finally:
+            del block.keys_values
+        assert len(calls) == 3  # it failed in the middle of decoding, not at the start
+        _assert_empty(beside)
+        assert torch.equal(beside.generate(prompt, max_new_tokens=12, eos_token_id=[]), before)
+    finally:
+        beside.close()
