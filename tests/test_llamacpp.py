@@ -234,23 +234,32 @@ def test_without_the_causal_rule_the_label_leaks(engines, gguf):
 @pytest.mark.slow
 def test_a_batched_prompt_gives_the_next_token_logits_of_one_token_at_a_time(engines):
     """(d) batched ingestion (causal inside the batch) == feeding the prompt token by token, up to
-    kernel rounding: llama.cpp multiplies a batch with other kernels than a single row."""
+    kernel rounding: the bridge's float32 output differs in its last bits between a batch and a
+    row (torch), and llama.cpp's 8-bit quantisation of the next layer's input turns such bits
+    into ~1% of a logit (measured: the anchor alone, with no bridge, is bit-identical both ways).
+    A bridge that reads wrong positions inside the batch moves logits by whole units."""
     _, on_llama, _ = engines
     ids = _ids(on_llama.tokenizer, TEXT, 40)[0].tolist()
     on_llama.reset()
     try:
-        batched = on_llama._ingest(ids)[-1]
+        batched = on_llama._ingest(ids, logits="all")  # (40, V)
         on_llama.reset()
-        for token in ids:
-            single = on_llama._ingest([token])[-1]
+        single = torch.stack([on_llama._ingest([token])[-1] for token in ids])  # (40, V)
         assert on_llama.anchor.length == on_llama.specialist.length == 40
         assert on_llama._keys[0].shape[2] == 40
     finally:
         on_llama.reset()
-    assert batched.argmax() == single.argmax()
-    assert (batched - single).abs().max() < 0.02 * batched.abs().max(), (
-        (batched - single).abs().max()
+    assert batched[-1].argmax() == single[-1].argmax()
+    agree = (batched.argmax(-1) == single.argmax(-1)).sum().item()
+    per_position = (batched - single).abs().amax(-1)  # (40,)
+    scale = batched.abs().max().item()
+    print(
+        f"batched vs one at a time: {agree}/40 argmax equal, median largest difference "
+        f"{per_position.median().item():.3f} of {scale:.1f}"
     )
+    # measured: 38/40 and 0.59 of 31 here; a non-causal bridge (the label leak): 31/40 and 3.4
+    assert agree >= 36, agree
+    assert per_position.median().item() < 0.05 * scale, per_position
 
 
 @pytest.mark.slow

@@ -52,12 +52,16 @@ def test_4bit_anchor_on_cpu_gives_correct_bridge_gradients(saved_pair):
     """The bitsandbytes CPU trap: a no-grad forward first must not corrupt later gradients."""
     import bitsandbytes as bnb
 
-    loaded = load_model(ModelSpec(model=str(saved_pair / "anchor"), quantization="nf4"))
+    # float32 compute on both sides, whatever dtype auto picks on this CPU: the comparison is
+    # with a float32 reference, and bf16 rounding would hide (or fake) the trap
+    spec = ModelSpec(model=str(saved_pair / "anchor"), quantization="nf4", dtype="float32")
+    loaded = load_model(spec)
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the anchor was not quantised"
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
 
-    specialist = load_model(ModelSpec(model=str(saved_pair / "specialist"))).model
+    specialist_spec = ModelSpec(model=str(saved_pair / "specialist"), dtype="float32")
+    specialist = load_model(specialist_spec).model
     quantized = compose(loaded.model, specialist, bridge_config=BridgeConfig(every=4))
     randomize_bridge(quantized, scale=0.2)
     reference_anchor = _dequantized_copy(
