@@ -4,9 +4,7 @@ One recipe (default: presets/qwen-coder-cpu.yaml, Qwen2.5-Coder 1.5B + 0.5B, Q4_
 N new tokens greedy (EOS ignored, so every run writes exactly N). Each measurement runs in its own
 process, so its peak RSS is its own:
   llama.cpp composed   load_composition(engine="llama.cpp") with a non-zero bridge: time from the
-                       call to the first new token, decode tokens/s, peak RSS (the specialist
-                       beside the anchor where composer.llamacpp.overlap_threads says so)
-  one at a time        the same, the two models in turn on all the threads (overlap=False)
+                       call to the first new token, decode tokens/s, peak RSS
   llama.cpp anchor     llama-cpp-python's own Llama on the anchor file (no callback): tokens/s
   bridge off           the llama.cpp engine's anchor alone (callback attached, asking nothing)
   torch composed       load_composition(engine="torch"): load time, decode tokens/s, peak RSS
@@ -62,9 +60,7 @@ def _decode_speed(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
 
 
-def _composed(
-    recipe: str, engine: str, new_tokens: int, bridge_off: bool, threads: int, in_turn: bool
-) -> dict:
+def _composed(recipe: str, engine: str, new_tokens: int, bridge_off: bool, threads: int) -> dict:
     import torch
 
     from composer.config import read_recipe
@@ -76,9 +72,7 @@ def _composed(
     config = read_recipe(recipe)
     started = time.perf_counter()
     if engine == "llama.cpp":  # what load_composition(engine="llama.cpp") runs, with threads
-        composition = load_llamacpp_composition(
-            config, seed=0, n_threads=threads or None, overlap=False if in_turn else None
-        )
+        composition = load_llamacpp_composition(config, seed=0, n_threads=threads or None)
     else:
         composition = load_composition(config, engine=engine, seed=0)
     loaded = time.perf_counter()
@@ -141,12 +135,7 @@ def _child(args: argparse.Namespace) -> None:
     else:
         engine, _, mode = args.child.partition(":")
         result = _composed(
-            args.recipe,
-            engine,
-            args.new_tokens,
-            bridge_off=mode == "off",
-            threads=args.threads,
-            in_turn=mode == "in-turn",
+            args.recipe, engine, args.new_tokens, bridge_off=mode == "off", threads=args.threads
         )
     print("RESULT " + json.dumps(result))
 
@@ -221,7 +210,6 @@ def main() -> None:
 
     results = {
         "composed": _run(args, "llama.cpp:on", args.new_tokens),
-        "in_turn": _run(args, "llama.cpp:in-turn", args.new_tokens),
         "plain": _run(args, "plain", args.new_tokens),
         "off": _run(args, "llama.cpp:off", args.new_tokens),
     }
@@ -230,7 +218,6 @@ def main() -> None:
     composed, plain = results["composed"], results["plain"]
     rows = [
         ("llama.cpp engine, composed", composed),
-        ("llama.cpp engine, composed, one model at a time", results["in_turn"]),
         ("llama.cpp engine, bridge off (anchor alone)", results["off"]),
         ("llama-cpp-python `Llama`, anchor alone", plain),
     ]

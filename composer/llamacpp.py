@@ -21,12 +21,11 @@ step by step; the llama.cpp model wrapper itself is :mod:`composer.llamacpp_mode
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,7 @@ from composer.architectures import model_shape, sliding_window
 from composer.bridge import Bridge
 from composer.config import CompositionConfig, ConfigError
 from composer.generate import decoding
-from composer.llamacpp_model import LayerHandler, LayerOutput, LlamaCppModel, default_threads
+from composer.llamacpp_model import LayerHandler, LayerOutput, LlamaCppModel
 
 if TYPE_CHECKING:
     from composer.bridge import BridgeBlock
@@ -107,22 +106,6 @@ def choose_engine(
     return "torch", f"engine auto: using torch because {why}"
 
 
-def overlap_threads(
-    cores: int, lowest_anchor_layer: int, anchor_layers: int
-) -> tuple[int, int] | None:
-    """(anchor, specialist) threads for running the specialist's step beside the anchor's
-    layers below its lowest connected one, or None to run them one after the other (pure).
-
-    Worth it only with a core to spare and enough anchor layers to hide the specialist behind
-    (a quarter of them): the specialist gets a quarter of the cores (at least one), the anchor
-    the rest. Measured in docs/BENCHMARKS.md.
-    """
-    if cores < 2 or lowest_anchor_layer * 4 < anchor_layers:
-        return None
-    specialist = max(1, cores // 4)
-    return cores - specialist, specialist
-
-
 # ---------------------------------------------------------------------------------------------
 # The composition
 
@@ -151,16 +134,8 @@ class LlamaCppComposition:
         sources: dict[str, dict[str, Any]] | None = None,
         eos_token_id: int | Sequence[int] | None = None,  # the anchor config's, as torch uses
         specialist_eos_token_id: int | Sequence[int] | None = None,
-        overlap: tuple[int, int] | None = None,  # (anchor, specialist) threads: see below
     ) -> None:
         self.anchor, self.specialist, self.bridge = anchor, specialist, bridge
-        # With `overlap`, a composed step runs the specialist in a second thread while the
-        # anchor computes its layers below the lowest connected one, each model on its share of
-        # the cores; the anchor's first connected layer waits for the specialist's keys.
-        # Without it (and for the anchor or the specialist alone) each model runs in turn on
-        # its own thread count.
-        self.overlap = overlap
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self.tokenizer = tokenizer
         self.specialist_tokenizer = specialist_tokenizer or tokenizer
         self.alignment = alignment
@@ -234,42 +209,24 @@ class LlamaCppComposition:
         (the prompt-only rule); the anchor still reads the specialist's earlier positions.
         On any error, every cache is as before the call (two tokenizers: emptied).
         """
-        overlap = (
-            self.overlap is not None
-            and self.bridge_enabled
-            and self._alone is None
-            and self.alignment is None
-            and read_specialist
-        )
-        self.anchor.use_threads(self.overlap[0] if overlap else self.anchor.threads)
-        self.specialist.use_threads(self.overlap[1] if overlap else self.specialist.threads)
         if self._alone == "specialist":
             return self.specialist.decode(tokens, logits=logits)
         if not self.bridge_enabled:
             return self.anchor.decode(tokens, logits=logits)
         start = self.anchor.length
-        reading: concurrent.futures.Future | None = None
         try:
             tails: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
-            if overlap:
-                if self._worker is None:
-                    self._worker = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="specialist"
-                    )
-                reading = self._worker.submit(self._read_specialist, tokens)
-            elif self.alignment is not None:
+            if self.alignment is not None:
                 if read_specialist:
                     tails = self._read_aligned(tokens, start)
             elif read_specialist:
                 self._read_specialist(tokens)
-            handlers = self._anchor_handlers(tails, wait=reading.result if reading else None)
+            handlers = self._anchor_handlers(tails)
             with self.anchor.watching(handlers):
                 out = self.anchor.decode(tokens, logits=logits)
                 _check_seen("anchor", self.anchor, handlers)
             return out
         except BaseException:
-            if reading is not None:  # the specialist ends its step before any cache is cut
-                concurrent.futures.wait([reading])
             self._truncate(start)
             raise
 
@@ -342,19 +299,16 @@ class LlamaCppComposition:
         return tails
 
     def _anchor_handlers(
-        self,
-        tails: Sequence[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = (),
-        *,
-        wait: Callable[[], Any] | None = None,
+        self, tails: Sequence[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = ()
     ) -> dict[int, LayerHandler]:
         """For each connected anchor layer: add its blocks' output to the layer output.
 
         ``tails`` (two tokenizers): each new column's tentative tail keys/values per block,
-        read by that column's query only, after the committed tokens. ``wait``: called before
-        any block reads (the specialist's step running beside the anchor's; raises its error)."""
+        read by that column's query only, after the committed tokens."""
         blocks_at: dict[int, list[int]] = defaultdict(list)
         for k, (anchor_layer, _) in enumerate(self.pairs):
             blocks_at[anchor_layer].append(k)
+        readable = self.specialist.length  # specialist positions 0 .. readable - 1
         device, dtype = _device_dtype(self.bridge)
         causal = self.bridge.shape.causal
         keys, values = self._keys, self._values
@@ -375,7 +329,6 @@ class LlamaCppComposition:
         def visibility(positions: torch.Tensor) -> torch.Tensor:  # (1, rows, S [+ M])
             offset = int(positions[0, 0])
             if self.alignment is None:
-                readable = self.specialist.length  # specialist positions 0 .. readable - 1
                 return visibility_mask(
                     torch.ones(1, readable, dtype=torch.bool, device=device),
                     num_queries=positions.shape[1],
@@ -396,8 +349,6 @@ class LlamaCppComposition:
 
         def handler_for(layer: int, block_ids: list[int]) -> LayerHandler:
             def handler(view: LayerOutput) -> bool:
-                if wait is not None:
-                    wait()
                 if keys[block_ids[0]] is None:
                     return True  # nothing read yet: the anchor alone
                 hidden = view.read()  # (rows, d_anchor) float32
@@ -545,9 +496,6 @@ class LlamaCppComposition:
 
     def close(self) -> None:
         """Free both llama.cpp models now (else when the object is collected)."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
         self.anchor.close()
         self.specialist.close()
 
@@ -607,13 +555,8 @@ def load_llamacpp_composition(
     seed: int | None = None,
     n_ctx: int = 4096,
     n_threads: int | None = None,
-    overlap: bool | None = None,
 ) -> LlamaCppComposition:
     """Both GGUF models of a recipe in llama.cpp, with a new bridge or the saved ``bridge``.
-
-    ``n_threads``: the threads the composition may use (default: every core this process may
-    run on). ``overlap``: split them between the two models and run the specialist's step
-    beside the anchor's lower layers (None: where :func:`overlap_threads` finds it worth it).
 
     A saved bridge is checked against both models exactly as the torch engine checks it (the
     same identities: shapes, tokenizer, file hashes), so a bridge trained in torch loads here
@@ -664,28 +607,17 @@ def load_llamacpp_composition(
     models = {}
     for role, location in locations.items():
         # each context as long as asked but no longer than the model was trained for
-        limited = _limited_context(configs[role], n_ctx)
+        config = _limited_context(configs[role], n_ctx)
         models[role] = LlamaCppModel(
             location.folder / location.gguf_file,
-            n_ctx=limited.max_position_embeddings,
+            n_ctx=config.max_position_embeddings,
             n_threads=n_threads,
         )
-        models[role].config = limited
-    cores = n_threads or default_threads()
-    split = overlap_threads(
-        cores, min(a for a, _ in loaded_bridge.pairs), models["anchor"].num_layers
-    )
-    if overlap is False or alignment is not None:  # two tokenizers: one model at a time
-        split = None
-    elif overlap and split is None:
-        split = (max(1, cores - 1), 1)
+        models[role].config = config
     logger.info(
-        "llama.cpp composition: %d blocks, layer pairs %s, %s",
+        "llama.cpp composition: %d blocks, layer pairs %s",
         len(loaded_bridge.pairs),
         list(loaded_bridge.pairs),
-        f"specialist beside the anchor ({split[0]} + {split[1]} threads)"
-        if split
-        else f"one model at a time ({cores} threads)",
     )
     return LlamaCppComposition(
         models["anchor"],
@@ -698,7 +630,6 @@ def load_llamacpp_composition(
         sources=sources,
         eos_token_id=getattr(configs["anchor"], "eos_token_id", None),
         specialist_eos_token_id=getattr(configs["specialist"], "eos_token_id", None),
-        overlap=split,
     )
 
 

@@ -143,8 +143,7 @@ class LlamaCppModel:
             llama_cpp.llama_model_get_vocab(self._model)
         )
         self.n_ctx, self.n_batch = n_ctx, n_batch
-        threads = self.threads = n_threads or default_threads()  # what decode uses by default
-        self._threads_now = threads
+        threads = n_threads or default_threads()
         # Kept on self: llama.cpp holds only a C pointer to this Python callable.
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
         params = llama_cpp.llama_context_default_params()
@@ -273,14 +272,6 @@ class LlamaCppModel:
         finally:
             self._rows = None
         return torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
-
-    def use_threads(self, n: int) -> None:
-        """Decode with ``n`` threads from now on (llama.cpp reads it at each decode)."""
-        import llama_cpp
-
-        if n != self._threads_now:
-            llama_cpp.llama_set_n_threads(self._ctx, n, n)
-            self._threads_now = n
 
     def truncate(self, length: int = 0) -> None:
         """Forget cached tokens from position ``length`` on."""
