@@ -607,13 +607,13 @@ def load_llamacpp_composition(
     models = {}
     for role, location in locations.items():
         # each context as long as asked but no longer than the model was trained for
-        config = _limited_context(configs[role], n_ctx)
+        limited = _limited_context(configs[role], n_ctx)
         models[role] = LlamaCppModel(
             location.folder / location.gguf_file,
-            n_ctx=config.max_position_embeddings,
+            n_ctx=limited.max_position_embeddings,
             n_threads=n_threads,
         )
-        models[role].config = config
+        models[role].config = limited
     logger.info(
         "llama.cpp composition: %d blocks, layer pairs %s",
         len(loaded_bridge.pairs),

@@ -151,6 +151,7 @@ def _ids(tokenizer, text: str, n: int) -> torch.Tensor:
 def test_auto_picks_llama_cpp_for_two_gguf_files_and_it_cannot_train(engines, zero_bridge):
     _, on_llama, _ = engines
     assert type(on_llama).__name__ == "LlamaCppComposition" and on_llama.engine == "llama.cpp"
+    assert isinstance(on_llama.recipe, CompositionConfig)  # what export writes beside a bridge
     assert zero_bridge.engine == "llama.cpp"
     with pytest.raises(ConfigError, match="inference only"):
         on_llama.train()
