@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from composer.config import ConfigError
+from composer.config import ConfigError, ModelSpec
 
 SPECIAL = ("pad", "bos", "eos", "unk")
 
@@ -55,7 +55,13 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    folder, path = Path(folder), Path(path)
+    from composer.loading import locate
+
+    # the loader's own lookup: a missing folder or config.json is named the same way
+    location = locate(ModelSpec(model=str(folder)))
+    if location.gguf_file:
+        raise ConfigError(f"{folder} is already a GGUF file; give the transformers model folder")
+    folder, path = location.folder, Path(path)
     config = AutoConfig.from_pretrained(folder)
     _check_supported(config)
     weights = folder / "model.safetensors"
@@ -65,6 +71,14 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
             "model with save_pretrained(..., max_shard_size='100GB'))"
         )
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    # The vocabulary in id order; llama.cpp needs it to load, our engines tokenize with the
+    # transformers tokenizer (the recipe names the folder as the model's `tokenizer`).
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if [index for _, index in vocab] != list(range(config.vocab_size)):
+        raise ConfigError(
+            f"the tokenizer in {folder} has {len(vocab)} tokens with gaps or extra ids for a "
+            f"vocab_size of {config.vocab_size}; write_gguf needs ids 0..vocab_size-1"
+        )
     tensors = load_file(weights)  # torch, not numpy: numpy has no bfloat16
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -88,14 +102,6 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
 
-    # The vocabulary in id order; llama.cpp needs it to load, our engines tokenize with the
-    # transformers tokenizer (the recipe names the folder as the model's `tokenizer`).
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    if [index for _, index in vocab] != list(range(config.vocab_size)):
-        raise ConfigError(
-            f"the tokenizer in {folder} has {len(vocab)} tokens with gaps or extra ids for a "
-            f"vocab_size of {config.vocab_size}; write_gguf needs ids 0..vocab_size-1"
-        )
     special_ids = {getattr(tokenizer, f"{name}_token_id", None) for name in SPECIAL}
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

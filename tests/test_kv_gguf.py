@@ -22,14 +22,14 @@ from composer.presets import read_preset
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "kv-arithmetic.yaml"
 MODELS = ROOT / "presets" / "models"
+FOLDERS = {"anchor": MODELS / "kv-anchor-context", "specialist": MODELS / "kv-specialist"}
 
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("kv-gguf")
     return {
-        role: write_gguf(MODELS / name, out / f"{name}.gguf")
-        for role, name in (("anchor", "kv-anchor-context"), ("specialist", "kv-specialist"))
+        role: write_gguf(folder, out / f"{folder.name}.gguf") for role, folder in FOLDERS.items()
     }
 
 
@@ -46,8 +46,7 @@ def test_query_key_rows_move_from_halves_to_adjacent_pairs():
 def test_a_written_gguf_loads_back_with_the_same_weights(ggufs, role):
     from transformers import AutoModelForCausalLM
 
-    path = ggufs[role]
-    folder = MODELS / ("kv-anchor-context" if role == "anchor" else "kv-specialist")
+    path, folder = ggufs[role], FOLDERS[role]
     back = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
@@ -73,6 +72,8 @@ def test_other_architectures_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="model.safetensors is missing"):
         write_gguf(llama, tmp_path / "out.gguf")
     assert not list(tmp_path.glob("out.gguf*"))  # nothing half-written
+    with pytest.raises(ConfigError, match="neither an existing folder"):
+        write_gguf(tmp_path / "no-such-model", tmp_path / "out.gguf")
 
 
 def _gguf_recipe(ggufs: dict[str, Path]) -> dict:
