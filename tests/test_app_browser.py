@@ -138,7 +138,10 @@ def test_the_whole_app_in_a_browser(served, page, shots):
     # Chat: load the models, send a message, receive a streamed reply.
     page.get_by_role("tab", name="Chat").click()
     page.get_by_test_id("load-models").click()
-    expect(page.get_by_test_id("models-status")).to_contain_text("loaded", timeout=90_000)
+    # "no models loaded" holds the word too: wait for the engine the models were loaded on.
+    expect(page.get_by_test_id("models-status")).to_contain_text(
+        re.compile(r"loaded .+ engine"), timeout=90_000
+    )
     tokens = page.get_by_test_id("max-new-tokens").locator("input[type=number]")
     tokens.fill("300")  # long enough to watch it stream
     tokens.press("Enter")
