@@ -9,7 +9,7 @@ run:
 test:
 	bash scripts/setup.sh --test
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=8
 
 lint:
 	.venv/bin/ruff check .
