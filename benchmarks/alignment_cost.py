@@ -218,7 +218,7 @@ def _timed_aligned_tokens(original: Any) -> Any:
 
 def instrument(composition: Any, meter: Meter) -> None:
     """Time the specialist's forward of this composition (bound method, this instance only)."""
-    original = composition._specialist_keys_values
+    original = composition._specialist_states
 
     def wrapper(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         start = time.process_time()
@@ -229,7 +229,7 @@ def instrument(composition: Any, meter: Meter) -> None:
         meter.specialist_real += int(real.sum()) if real is not None else input_ids.numel()
         return out
 
-    composition._specialist_keys_values = wrapper
+    composition._specialist_states = wrapper
 
 
 class Pair:

@@ -231,6 +231,9 @@ class AlignedTokens:
     tail_mask: torch.Tensor
     tail_columns: torch.Tensor
     tail_index: torch.Tensor
+    # (B, M) where a tail token's state is already computed: the index in ``ids`` of the
+    # committed token with the same id after the same tokens (see :func:`tail_sources`), or -1.
+    tail_source: torch.Tensor
 
 
 def _padded(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,9 +258,11 @@ def aligned_tokens(
     """Push new anchor tokens through each row's aligner: the specialist tokens they commit, and
     every new position's tentative tail."""
     ids_rows, column_rows = [], []
-    tail_rows, tail_column_rows, tail_index_rows = [], [], []
+    tail_rows, tail_column_rows, tail_index_rows, source_rows = [], [], [], []
     for row, ids, mask in zip(rows, input_ids.tolist(), attention_mask.tolist(), strict=True):
         got, columns, tails, tail_columns, tail_index = [], [], [], [], []
+        before = len(row.committed)  # committed in earlier calls
+        tails_read: list[tuple[int, list[int]]] = []  # (tokens committed before it, the tail)
         for t, (token, real) in enumerate(zip(ids, mask, strict=True)):
             if real:
                 new = row.push(token)
@@ -266,11 +271,13 @@ def aligned_tokens(
                 tails += row.tail
                 tail_columns += [column_offset + t] * len(row.tail)
                 tail_index += list(range(len(row.tail)))
+                tails_read.append((len(row.committed) - before, row.tail))
         ids_rows.append(got)
         column_rows.append(columns)
         tail_rows.append(tails)
         tail_column_rows.append(tail_columns)
         tail_index_rows.append(tail_index)
+        source_rows.append([j for at, tail in tails_read for j in tail_sources(got, at, tail)])
     ids, mask = _padded(ids_rows, pad_id)
     tail_ids, tail_mask = _padded(tail_rows, pad_id)
     return AlignedTokens(
@@ -281,7 +288,23 @@ def aligned_tokens(
         tail_mask=tail_mask,
         tail_columns=_padded(tail_column_rows, 0)[0],
         tail_index=_padded(tail_index_rows, 0)[0],
+        tail_source=_padded(source_rows, -1)[0],
     )
+
+
+def tail_sources(committed: Sequence[int], start: int, tail: Sequence[int]) -> list[int]:
+    """For each token of a tail read after ``committed[:start]``: the index of the committed
+    token it equals, or -1 (pure). Tail token i equals ``committed[start + i]`` when the tail's
+    tokens up to i were all later committed unchanged: the same ids after the same tokens, at
+    the same positions, so the specialist's states there are the same and are computed once.
+    The word being written while its tokenization still changes ("Ġr" before "Ġriver") is not."""
+    out = []
+    for i, token in enumerate(tail):
+        j = start + i
+        if j >= len(committed) or committed[j] != token:
+            return out + [-1] * (len(tail) - i)
+        out.append(j)
+    return out
 
 
 def tail_attention(
@@ -290,21 +313,47 @@ def tail_attention(
     tail_mask: torch.Tensor,  # (B, M) 1 = a real tail token
     tail_columns: torch.Tensor,  # (B, M) the anchor column whose tail it is
     tail_index: torch.Tensor,  # (B, M) its place within that tail
+    *,
+    reused: torch.Tensor | None = None,  # (B, M) True: its state is a committed token's
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How the specialist reads the tails after its committed tokens (pure). Returns the
     (B, M, S + M) bool mask (a tail token of column t reads the tokens committed at or before t,
     then its own tail's earlier tokens and itself: exactly what decoding at t computes) and the
-    (B, M) positions (the committed tokens before it, plus its place in the tail)."""
-    committed = specialist_mask.bool()[:, None, :] & (
-        columns[:, None, :] <= tail_columns[:, :, None]
-    )  # (B, M, S)
+    (B, M) positions (the committed tokens before it, plus its place in the tail).
+
+    With ``reused`` (a prefix of each tail whose tokens are committed unchanged later, see
+    :func:`tail_sources`), the tail's other tokens read those committed tokens in place of the
+    reused tail tokens: the same ids at the same positions, so the same states."""
+    real = specialist_mask.bool()
+    before = (real[:, None, :] & (columns[:, None, :] <= tail_columns[:, :, None])).sum(-1)
     same_tail = (tail_columns[:, None, :] == tail_columns[:, :, None]) & (
         tail_index[:, None, :] <= tail_index[:, :, None]
     )  # (B, M, M)
-    own = same_tail & tail_mask.bool()[:, None, :]
+    readable = tail_mask.bool()
+    if reused is not None:
+        readable = readable & ~reused
+        before_reads = before + (same_tail & reused[:, None, :]).sum(-1)  # (B, M)
+    else:
+        before_reads = before
+    # Committed tokens are in column order, so those at or before t are the first ``before``.
+    rank = real.long().cumsum(-1)  # (B, S) 1-based rank of each committed token
+    committed = real[:, None, :] & (rank[:, None, :] <= before_reads[:, :, None])  # (B, M, S)
+    own = same_tail & readable[:, None, :]
     own = own | torch.eye(tail_mask.shape[1], dtype=torch.bool)[None]  # padding reads itself
-    positions = committed.sum(-1) + tail_index  # (B, M)
+    positions = before + tail_index  # (B, M)
     return torch.cat([committed, own], dim=-1), positions
+
+
+def compacted(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, M) bool: each row's selected entries moved to its front (pure). Returns the (B, K)
+    indices of the selected entries (K the most any row has; padding 0), their (B, K) 1/0 mask,
+    and the (B, M) slot of each entry in the compacted rows (meaningful where selected)."""
+    counts = selected.sum(1)  # (B,)
+    k = int(counts.max()) if selected.numel() else 0
+    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :k]
+    real = (torch.arange(k)[None, :] < counts[:, None]).long()
+    slot = (selected.long().cumsum(1) - 1).clamp(min=0)
+    return order, real, slot
 
 
 def tail_visibility(

@@ -29,6 +29,7 @@ from composer.alignment import (
     TextAlignment,
     aligned_tokens,
     aligned_visibility,
+    compacted,
     needs_alignment,
     position_ids_from_mask,
     read_visibility,
@@ -237,6 +238,21 @@ class Composition(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run the specialist over new tokens and make each block's keys/values from the states
         of its paired layer; appended to the state's per-block caches when ``state`` is given."""
+        if cache is None and state is not None:
+            cache = state.specialist_cache
+        states = self._specialist_states(input_ids, common, real=real, cache=cache)
+        return self._block_keys_values(states, key_positions, state)
+
+    def _specialist_states(
+        self,
+        input_ids: torch.Tensor,  # (B, N) new specialist tokens
+        common: dict[str, torch.Tensor],  # the specialist's attention_mask, position_ids
+        *,
+        real: torch.Tensor | None = None,  # (B, N) 0 = padding whose states are zeroed
+        cache: Any = None,  # appended to when given
+    ) -> list[torch.Tensor]:
+        """Run the specialist over new tokens: for each block, the (B, N, d_specialist) states
+        of its paired layer, on the bridge's device and dtype."""
         _, specialist, _, specialist_layers = self._frozen
         needed = sorted({s for _, s in self.bridge.pairs})
         captured: dict[int, torch.Tensor] = {}
@@ -247,8 +263,6 @@ class Composition(nn.Module):
 
             return hook
 
-        if cache is None and state is not None:
-            cache = state.specialist_cache
         kwargs: dict[str, Any] = {**common, "use_cache": cache is not None}
         base = specialist.base_model  # skips the LM head: only layer outputs are needed
         if cache is not None:
@@ -256,14 +270,26 @@ class Composition(nn.Module):
         with torch.no_grad(), forward_hooks([(specialist_layers[j], capture(j)) for j in needed]):
             base(input_ids=input_ids, **kwargs)
         device, dtype = self.bridge_device_dtype()
-        keys, values = [], []
-        for k, (block, (_, s)) in enumerate(
-            zip(self.bridge.blocks, self.bridge.pairs, strict=True)
-        ):
+        out = []
+        for _, s in self.bridge.pairs:
             states = captured[s].to(device=device, dtype=dtype)  # (B, N, d_specialist)
             if real is not None:  # a padding slot's state may be anything, even NaN
                 states = torch.where(real.to(device)[..., None].bool(), states, 0.0)
-            new_k, new_v = block.keys_values(states, key_positions.to(device))
+            out.append(states)
+        return out
+
+    def _block_keys_values(
+        self,
+        states: list[torch.Tensor],  # per block (B, N, d_specialist)
+        key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
+        state: DecodeState | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each block's keys/values (B, H, N, hd) of specialist states; appended to the state's
+        per-block caches when ``state`` is given (the result is then all of them)."""
+        device, _ = self.bridge_device_dtype()
+        keys, values = [], []
+        for k, (block, block_states) in enumerate(zip(self.bridge.blocks, states, strict=True)):
+            new_k, new_v = block.keys_values(block_states, key_positions.to(device))
             if state is not None:
                 if state.keys[k] is not None:
                     new_k = torch.cat([state.keys[k], new_k], dim=2)  # (B, H, S, hd)
@@ -317,22 +343,23 @@ class Composition(nn.Module):
             # Training has no state: the tails then read the committed tokens from a cache of
             # this call only.
             cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
+            if state is not None:
+                cache = state.specialist_cache
+            committed: list[torch.Tensor] | None = None  # this call's committed states
             if new.ids.shape[1]:
                 common = {
                     "attention_mask": mask.to(device),
                     "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
                 }
-                keys, values = self._specialist_keys_values(
-                    new.ids.to(device),
-                    common,
-                    anchor_positions.gather(1, new.columns),
-                    state,
-                    real=new.mask,
-                    cache=cache,
+                committed = self._specialist_states(
+                    new.ids.to(device), common, real=new.mask, cache=cache
+                )
+                keys, values = self._block_keys_values(
+                    committed, anchor_positions.gather(1, new.columns), state
                 )
             if tails:
                 tail_keys, tail_values = self._tail_keys_values(
-                    new, mask, columns, anchor_positions, state, cache, device
+                    new, mask, columns, anchor_positions, state, cache, committed, device
                 )
         if keys is None or not keys or keys[0] is None:
             keys = values = None
@@ -404,36 +431,63 @@ class Composition(nn.Module):
         columns: torch.Tensor,  # (B, S)
         anchor_positions: torch.Tensor,  # (B, C) position of each anchor column
         state: DecodeState | None,
-        cache: Any,  # training: this call's cache of the committed tokens (None: none yet)
+        cache: Any,  # the committed tokens' cache (None: nothing committed yet)
+        committed: list[torch.Tensor] | None,  # per block, this call's committed states
         device: torch.device,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each new position's tentative tail, read after the committed tokens and then dropped
-        from the specialist's cache (its committed tokens are never rewritten)."""
-        if state is not None:
-            cache = state.specialist_cache
+        from the specialist's cache (its committed tokens are never rewritten). A tail token
+        that this call also commits unchanged (``new.tail_source``) takes the committed token's
+        states; the specialist runs over the others only."""
+        reused = new.tail_source >= 0 if committed is not None else None
         reads, positions = tail_attention(
-            mask, columns, new.tail_mask, new.tail_columns, new.tail_index
+            mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
         )  # (B, M, S + M), (B, M)
-        if cache is None or cache.get_seq_length() == 0:
-            reads, cache = reads[:, :, mask.shape[1] :], None  # nothing committed yet
-        dtype = self.specialist.get_input_embeddings().weight.dtype
-        additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(
-            ~reads, torch.finfo(dtype).min
-        )[:, None]  # (B, 1, M, S + M): a custom 4D mask, used as given
-        m = new.tail_ids.shape[1]
-        try:
-            keys, values = self._specialist_keys_values(
-                new.tail_ids.to(device),
-                {"attention_mask": additive.to(device), "position_ids": positions.to(device)},
-                anchor_positions.gather(1, new.tail_columns),
-                None,
-                real=new.tail_mask,
-                cache=cache,
-            )
-        finally:
-            if cache is not None and state is not None:
-                cache.crop(-m)
-        return keys, values
+        run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
+        order, real, slot = compacted(run)  # the tail tokens to run, first in each row
+        states = None
+        if order.shape[1]:
+            s, k = mask.shape[1], order.shape[1]
+            reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S+M)
+            own = reads[..., s:].gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K)
+            own = (own & real.bool()[:, None, :]) | torch.eye(k, dtype=torch.bool)[None]
+            reads = torch.cat([reads[..., :s], own], dim=-1)  # (B, K, S + K)
+            if cache is None or cache.get_seq_length() == 0:
+                reads, cache = reads[:, :, s:], None  # nothing committed yet
+            dtype = self.specialist.get_input_embeddings().weight.dtype
+            additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(
+                ~reads, torch.finfo(dtype).min
+            )[:, None]  # (B, 1, K, S + K): a custom 4D mask, used as given
+            common = {
+                "attention_mask": additive.to(device),
+                "position_ids": positions.gather(1, order).to(device),
+            }
+            try:
+                ran = self._specialist_states(
+                    new.tail_ids.gather(1, order).to(device), common, real=real, cache=cache
+                )
+            finally:
+                if cache is not None and state is not None:
+                    cache.crop(-k)
+            # Back to one slot per tail token: (B, M, d) per block.
+            states = [r.gather(1, self._rows(slot, r)) for r in ran]
+        if reused is not None and committed is not None:
+            source = new.tail_source.clamp(min=0)
+            taken = [c.gather(1, self._rows(source, c)) for c in committed]
+            if states is None:
+                states = taken
+            else:
+                keep = reused.to(taken[0].device)[..., None]
+                states = [torch.where(keep, t, r) for t, r in zip(taken, states, strict=True)]
+        assert states is not None
+        real_tail = new.tail_mask.to(states[0].device)[..., None].bool()
+        states = [torch.where(real_tail, x, 0.0) for x in states]
+        return self._block_keys_values(states, anchor_positions.gather(1, new.tail_columns), None)
+
+    @staticmethod
+    def _rows(index: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """(B, M) row indices expanded to gather (B, M, d) from ``states``."""
+        return index.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
 
     def _residual_hook(
         self,

@@ -14,9 +14,11 @@ import torch
 from composer.alignment import (
     AlignedTokens,
     TextAlignment,
+    aligned_tokens,
     committed_cut,
     needs_alignment,
     start_ids,
+    tail_sources,
 )
 from composer.chartok import build_bpe_tokenizer, build_char_tokenizer
 from composer.composition import compose
@@ -177,6 +179,7 @@ def _leaky_tokens(a_tok, s_tok):
             tail_mask=none,
             tail_columns=none,
             tail_index=none,
+            tail_source=none,
         )
 
     return aligned
@@ -270,6 +273,63 @@ def test_each_position_reads_the_word_it_is_writing_as_the_specialist_would_alon
         torch.testing.assert_close(tail_key, expected[0, :, 0], rtol=1e-4, atol=1e-5)
         checked += 1
     assert checked >= 5
+
+
+def test_tail_sources_point_at_the_committed_tokens_a_tail_equals():
+    committed = [5, 6, 7, 8]  # this call's committed tokens; the tail was read after the first
+    assert tail_sources(committed, 1, [6, 7]) == [1, 2]
+    assert tail_sources(committed, 1, [6, 9, 8]) == [1, -1, -1]  # the word was re-tokenized
+    assert tail_sources(committed, 1, [9, 7]) == [-1, -1]  # a later token never matches alone
+    assert tail_sources(committed, 3, [8, 9]) == [3, -1]  # its end is not committed (yet)
+    assert tail_sources(committed, 4, []) == []
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_tail_token_committed_unchanged_is_not_run_twice(tokenizers, order):
+    # Training: the specialist runs over the committed tokens, then over only those tail tokens
+    # that were never committed as they stand (the others take the committed token's states;
+    # the test above and the teacher-forcing test check that the keys stay the same).
+    composition, a_tok, _ = _pair(tokenizers, order)
+    ids = _ids(a_tok, TEXT)
+    alignment = composition.alignment
+    new = aligned_tokens(
+        [alignment.row()], ids, torch.ones_like(ids), column_offset=0, pad_id=alignment.pad_id
+    )
+    source = new.tail_source[0]
+    reused = source >= 0
+    assert 0 < int(reused.sum()) < new.tail_ids.shape[1]
+    assert torch.equal(new.ids[0, source[reused]], new.tail_ids[0, reused])
+    ran = []
+
+    def count(module, args, kwargs):  # noqa: ANN001, ANN202
+        ran.append(kwargs["input_ids"].shape[1])
+
+    handle = composition.specialist.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            composition(ids)
+    finally:
+        handle.remove()
+    assert sum(ran) == new.ids.shape[1] + new.tail_ids.shape[1] - int(reused.sum())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_padded_batch_reads_each_row_as_it_would_alone(tokenizers, order):
+    # Rows commit and reuse different numbers of specialist tokens: the batch packs each row's
+    # tail tokens to its front; every row's logits must be those of the row run alone.
+    composition, a_tok, _ = _pair(tokenizers, order, seed=9)
+    randomize_bridge(composition, scale=0.3)
+    rows = [_ids(a_tok, text)[0] for text in (TEXT, "The old mills: 12+3", "def f(x): riverbank")]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):  # right padding, as in training
+        ids[b, : len(r)], mask[b, : len(r)] = r, 1
+    with torch.no_grad():
+        batched = composition(ids, attention_mask=mask).logits
+        for b, r in enumerate(rows):
+            alone = composition(r[None]).logits[0]
+            torch.testing.assert_close(batched[b, : len(r)], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_a_sliding_window_is_read_from_the_config():
