@@ -283,13 +283,19 @@ class Composition(nn.Module):
         states: list[torch.Tensor],  # per block (B, N, d_specialist)
         key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
         state: DecodeState | None,
+        *,
+        projected: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # filled when given
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each block's keys/values (B, H, N, hd) of specialist states; appended to the state's
-        per-block caches when ``state`` is given (the result is then all of them)."""
+        per-block caches when ``state`` is given (the result is then all of them). The keys
+        before rotation and the values are appended to ``projected`` when given."""
         device, _ = self.bridge_device_dtype()
         keys, values = [], []
         for k, (block, block_states) in enumerate(zip(self.bridge.blocks, states, strict=True)):
-            new_k, new_v = block.keys_values(block_states, key_positions.to(device))
+            new_k, new_v = block.project(block_states)
+            if projected is not None:
+                projected.append((new_k, new_v))
+            new_k = block.rotated(new_k, key_positions.to(device))
             if state is not None:
                 if state.keys[k] is not None:
                     new_k = torch.cat([state.keys[k], new_k], dim=2)  # (B, H, S, hd)
@@ -345,17 +351,18 @@ class Composition(nn.Module):
             cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
             if state is not None:
                 cache = state.specialist_cache
-            committed: list[torch.Tensor] | None = None  # this call's committed states
+            committed = None  # per block, this call's committed keys (unrotated) and values
             if new.ids.shape[1]:
                 common = {
                     "attention_mask": mask.to(device),
                     "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
                 }
-                committed = self._specialist_states(
+                states = self._specialist_states(
                     new.ids.to(device), common, real=new.mask, cache=cache
                 )
+                committed = []
                 keys, values = self._block_keys_values(
-                    committed, anchor_positions.gather(1, new.columns), state
+                    states, anchor_positions.gather(1, new.columns), state, projected=committed
                 )
             if tails:
                 tail_keys, tail_values = self._tail_keys_values(
@@ -432,20 +439,22 @@ class Composition(nn.Module):
         anchor_positions: torch.Tensor,  # (B, C) position of each anchor column
         state: DecodeState | None,
         cache: Any,  # the committed tokens' cache (None: nothing committed yet)
-        committed: list[torch.Tensor] | None,  # per block, this call's committed states
+        committed: list[tuple[torch.Tensor, torch.Tensor]] | None,  # per block, see below
         device: torch.device,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each new position's tentative tail, read after the committed tokens and then dropped
         from the specialist's cache (its committed tokens are never rewritten). A tail token
-        that this call also commits unchanged (``new.tail_source``) takes the committed token's
-        states; the specialist runs over the others only."""
+        that this call also commits unchanged (``new.tail_source``) has the committed token's
+        states, so it takes that token's keys (before rotation: a tail key is rotated by its own
+        anchor position) and values from ``committed`` (per block, (B, H, N, hd) each); the
+        specialist runs over the others only."""
         reused = new.tail_source >= 0 if committed is not None else None
         reads, positions = tail_attention(
             mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
         )  # (B, M, S + M), (B, M)
         run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
         order, real, slot = compacted(run)  # the tail tokens to run, first in each row
-        states = None
+        ran = None  # per block, the run tokens' keys (unrotated) and values, (B, H, K, hd)
         if order.shape[1]:
             s, k = mask.shape[1], order.shape[1]
             reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S+M)
@@ -463,31 +472,37 @@ class Composition(nn.Module):
                 "position_ids": positions.gather(1, order).to(device),
             }
             try:
-                ran = self._specialist_states(
+                states = self._specialist_states(
                     new.tail_ids.gather(1, order).to(device), common, real=real, cache=cache
                 )
             finally:
                 if cache is not None and state is not None:
                     cache.crop(-k)
-            # Back to one slot per tail token: (B, M, d) per block.
-            states = [r.gather(1, self._rows(slot, r)) for r in ran]
-        if reused is not None and committed is not None:
-            source = new.tail_source.clamp(min=0)
-            taken = [c.gather(1, self._rows(source, c)) for c in committed]
-            if states is None:
-                states = taken
-            else:
-                keep = reused.to(taken[0].device)[..., None]
-                states = [torch.where(keep, t, r) for t, r in zip(taken, states, strict=True)]
-        assert states is not None
-        real_tail = new.tail_mask.to(states[0].device)[..., None].bool()
-        states = [torch.where(real_tail, x, 0.0) for x in states]
-        return self._block_keys_values(states, anchor_positions.gather(1, new.tail_columns), None)
+            ran = [block.project(x) for block, x in zip(self.bridge.blocks, states, strict=True)]
+        keys, values = [], []
+        for b, block in enumerate(self.bridge.blocks):
+            parts = []
+            if ran is not None:  # back to one slot per tail token
+                parts.append(tuple(x.gather(2, self._slots(slot, x)) for x in ran[b]))
+            if reused is not None and committed is not None:
+                source = new.tail_source.clamp(min=0)
+                parts.append(tuple(x.gather(2, self._slots(source, x)) for x in committed[b]))
+            if len(parts) == 2:
+                take = reused.to(parts[0][0].device)[:, None, :, None]  # (B, 1, M, 1)
+                parts = [tuple(torch.where(take, c, r) for r, c in zip(*parts, strict=True))]
+            tail_k, tail_v = parts[0]
+            device_k = tail_k.device
+            keys.append(
+                block.rotated(tail_k, anchor_positions.gather(1, new.tail_columns).to(device_k))
+            )
+            values.append(tail_v)
+        return keys, values
 
     @staticmethod
-    def _rows(index: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """(B, M) row indices expanded to gather (B, M, d) from ``states``."""
-        return index.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
+    def _slots(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, M) token indices expanded to gather (B, H, M, hd) from ``x`` (B, H, N, hd)."""
+        b, h, _, d = x.shape
+        return index.to(x.device)[:, None, :, None].expand(b, h, -1, d)
 
     def _residual_hook(
         self,
