@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import append_to_benchmarks, describe  # noqa: E402
 
-import composer.composition as composition_module  # noqa: E402
+import composer.aligned_reading as reading_module  # noqa: E402
 from composer import compose  # noqa: E402
 from composer.chartok import DEFAULT_ALPHABET, build_bpe_tokenizer, build_char_tokenizer  # noqa: E402
 from composer.config import BridgeConfig  # noqa: E402
@@ -218,7 +218,7 @@ def _timed_aligned_tokens(original: Any) -> Any:
 
 def instrument(composition: Any, meter: Meter) -> None:
     """Time the specialist's forward of this composition (bound method, this instance only)."""
-    original = composition._specialist_states
+    original = composition.specialist_states
 
     def wrapper(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         start = time.process_time()
@@ -229,7 +229,7 @@ def instrument(composition: Any, meter: Meter) -> None:
         meter.specialist_real += int(real.sum()) if real is not None else input_ids.numel()
         return out
 
-    composition._specialist_states = wrapper
+    composition.specialist_states = wrapper
 
 
 class Pair:
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         base = known[name][3]
         if base and base not in wanted:
             wanted.insert(0, base)
-    composition_module.aligned_tokens = _timed_aligned_tokens(composition_module.aligned_tokens)
+    reading_module.aligned_tokens = _timed_aligned_tokens(reading_module.aligned_tokens)
     texts = corpus()
     toks = tokenizers(texts, args)
     pairs = [Pair(*known[name]) for name in [p[0] for p in PAIRS] if name in wanted]

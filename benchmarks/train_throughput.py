@@ -132,7 +132,7 @@ def _naive_composition(anchor: Any, specialist: Any, args: argparse.Namespace) -
     from composer.hooks import forward_hooks, hidden_of
 
     class NaiveComposition(Composition):
-        def _specialist_states(self, input_ids, common, *, real=None, cache=None):  # noqa: ANN001, ANN202
+        def specialist_states(self, input_ids, common, *, real=None, cache=None):  # noqa: ANN001, ANN202
             """The parent's, with autograd through the specialist (no no_grad, no cache)."""
             _, specialist, _, layers = self._frozen
             captured: dict[int, torch.Tensor] = {}

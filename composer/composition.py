@@ -24,16 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from composer.aligned_reading import read_aligned
 from composer.alignment import (
-    AlignedTokens,
     TextAlignment,
-    aligned_tokens,
-    aligned_visibility,
-    compacted,
     needs_alignment,
     position_ids_from_mask,
-    read_visibility,
-    tail_attention,
     visibility_mask,
 )
 from composer.architectures import decoder_layers, model_shape, sliding_window
@@ -194,7 +189,7 @@ class Composition(nn.Module):
         readable = attention_mask if specialist_mask is None else attention_mask * specialist_mask
         read: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
         if self.bridge_enabled and self.alignment is None:
-            keys, values = self._specialist_keys_values(
+            keys, values = self.specialist_keys_values(
                 input_ids, common, common["position_ids"], state
             )
             device = keys[0].device
@@ -206,7 +201,7 @@ class Composition(nn.Module):
             )  # (B, T, S)
             read = keys, values, visible
         elif self.bridge_enabled:
-            read = self._aligned_keys_values(input_ids, attention_mask, readable, state)
+            read = read_aligned(self, input_ids, attention_mask, readable, state)
         if read is not None:
             keys, values, visible = read
             device = keys[0].device
@@ -226,7 +221,7 @@ class Composition(nn.Module):
             state.attention_mask = attention_mask
         return out.logits
 
-    def _specialist_keys_values(
+    def specialist_keys_values(
         self,
         input_ids: torch.Tensor,  # (B, N) new specialist tokens
         common: dict[str, torch.Tensor],  # the specialist's attention_mask (B, S), position_ids
@@ -240,10 +235,10 @@ class Composition(nn.Module):
         of its paired layer; appended to the state's per-block caches when ``state`` is given."""
         if cache is None and state is not None:
             cache = state.specialist_cache
-        states = self._specialist_states(input_ids, common, real=real, cache=cache)
-        return self._block_keys_values(states, key_positions, state)
+        states = self.specialist_states(input_ids, common, real=real, cache=cache)
+        return self.block_keys_values(states, key_positions, state)
 
-    def _specialist_states(
+    def specialist_states(
         self,
         input_ids: torch.Tensor,  # (B, N) new specialist tokens
         common: dict[str, torch.Tensor],  # the specialist's attention_mask, position_ids
@@ -278,7 +273,7 @@ class Composition(nn.Module):
             out.append(states)
         return out
 
-    def _block_keys_values(
+    def block_keys_values(
         self,
         states: list[torch.Tensor],  # per block (B, N, d_specialist)
         key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
@@ -304,205 +299,6 @@ class Composition(nn.Module):
             keys.append(new_k)
             values.append(new_v)
         return keys, values
-
-    def _aligned_keys_values(
-        self,
-        input_ids: torch.Tensor,  # (B, T) new anchor tokens
-        attention_mask: torch.Tensor,  # (B, S) over every anchor token so far
-        readable: torch.Tensor,  # (B, S) anchor columns whose committed tokens may be read
-        state: DecodeState | None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
-        """Two tokenizers: commit specialist tokens for the new anchor tokens (composer.alignment),
-        run the specialist over them, then over each new position's tentative tail, and say which
-        anchor query reads which. None while the specialist has read nothing yet (the bridge then
-        adds nothing)."""
-        assert self.alignment is not None
-        past = attention_mask.shape[1] - input_ids.shape[1]
-        fresh = state is None or state.rows is None
-        rows = [self.alignment.row() for _ in range(len(input_ids))] if fresh else state.rows
-        new = aligned_tokens(
-            rows,
-            input_ids.cpu(),
-            attention_mask[:, past:].cpu(),
-            column_offset=past,
-            pad_id=self.alignment.pad_id,
-        )
-        mask, columns = new.mask, new.columns  # (B, S_specialist) over every committed token
-        if not fresh:
-            mask = torch.cat([state.specialist_mask, new.mask], dim=1)
-            columns = torch.cat([state.columns, new.columns], dim=1)
-        if state is not None:
-            state.rows, state.specialist_mask, state.columns = rows, mask, columns
-        tails = self.alignment.tails and new.tail_ids.shape[1] > 0
-        keys: list[torch.Tensor] | None = state.keys if state is not None else None
-        values: list[torch.Tensor] | None = state.values if state is not None else None
-        device = self.specialist.get_input_embeddings().weight.device
-        # A key is rotated by the anchor position at which its token was read, so the bridge's
-        # relative positions count anchor tokens, as with one tokenizer.
-        anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
-        tail_keys = tail_values = None
-        if tails and state is not None and input_ids.shape[1] == 1:
-            keys, values, tail_keys, tail_values = self._step_keys_values(
-                new, mask, anchor_positions, state, device
-            )
-        else:
-            # Training has no state: the tails then read the committed tokens from a cache of
-            # this call only.
-            cache = DynamicCache(config=self.specialist.config) if state is None and tails else None
-            if state is not None:
-                cache = state.specialist_cache
-            committed = None  # per block, this call's committed keys (unrotated) and values
-            if new.ids.shape[1]:
-                common = {
-                    "attention_mask": mask.to(device),
-                    "position_ids": position_ids_from_mask(mask)[:, -new.ids.shape[1] :].to(device),
-                }
-                states = self._specialist_states(
-                    new.ids.to(device), common, real=new.mask, cache=cache
-                )
-                committed = []
-                keys, values = self._block_keys_values(
-                    states, anchor_positions.gather(1, new.columns), state, projected=committed
-                )
-            if tails:
-                tail_keys, tail_values = self._tail_keys_values(
-                    new, mask, columns, anchor_positions, state, cache, committed, device
-                )
-        if keys is None or not keys or keys[0] is None:
-            keys = values = None
-        where = {
-            "num_queries": input_ids.shape[1],
-            "query_offset": past,
-            "causal": self.bridge.shape.causal,
-        }
-        if tail_keys is None:
-            if keys is None:
-                return None
-            visible = aligned_visibility(mask, columns, readable.cpu(), **where)  # (B, T, S)
-        else:
-            visible = read_visibility(
-                mask, columns, new.tail_mask, new.tail_columns, readable.cpu(), **where
-            )  # (B, T, S + M)
-            # The tails are read for this call only: the state's caches never hold them.
-            if keys is None:  # nothing committed yet
-                keys, values = tail_keys, tail_values
-            else:
-                keys = [torch.cat([k, tk], dim=2) for k, tk in zip(keys, tail_keys, strict=True)]
-                values = [
-                    torch.cat([v, tv], dim=2) for v, tv in zip(values, tail_values, strict=True)
-                ]
-        return keys, values, visible.to(keys[0].device)
-
-    def _step_keys_values(
-        self,
-        new: AlignedTokens,  # what one new anchor token gives
-        mask: torch.Tensor,  # (B, S) every committed specialist token, the new ones included
-        anchor_positions: torch.Tensor,  # (B, C)
-        state: DecodeState,
-        device: torch.device,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """One decoding step in one specialist pass: the newly committed tokens, then the tail.
-        With one new anchor token every committed token is at or before its column, so the
-        tail reads all of them and the pass is plain causal. The tail is then cropped from the
-        cache; the committed tokens' keys/values are appended to the state's. Returns the
-        state's keys and values (every committed token) and the tail's."""
-        n, m = new.ids.shape[1], new.tail_ids.shape[1]
-        ids = torch.cat([new.ids, new.tail_ids], dim=1)  # (B, N + M)
-        real = torch.cat([new.mask, new.tail_mask], dim=1)
-        seen = torch.cat([mask, new.tail_mask], dim=1)  # (B, S + M)
-        common = {
-            "attention_mask": seen.to(device),
-            "position_ids": position_ids_from_mask(seen)[:, -(n + m) :].to(device),
-        }
-        rotate_by = anchor_positions.gather(1, torch.cat([new.columns, new.tail_columns], dim=1))
-        try:
-            keys, values = self._specialist_keys_values(
-                ids.to(device), common, rotate_by, None, real=real, cache=state.specialist_cache
-            )
-        finally:
-            state.specialist_cache.crop(-m)
-        for k in range(len(keys) if n else 0):
-            committed_k, committed_v = keys[k][:, :, :n], values[k][:, :, :n]
-            if state.keys[k] is not None:
-                committed_k = torch.cat([state.keys[k], committed_k], dim=2)  # (B, H, S, hd)
-                committed_v = torch.cat([state.values[k], committed_v], dim=2)
-            state.keys[k], state.values[k] = committed_k, committed_v
-        tail_keys = [k[:, :, n:] for k in keys]
-        tail_values = [v[:, :, n:] for v in values]
-        return state.keys, state.values, tail_keys, tail_values
-
-    def _tail_keys_values(
-        self,
-        new: AlignedTokens,
-        mask: torch.Tensor,  # (B, S) every committed specialist token so far
-        columns: torch.Tensor,  # (B, S)
-        anchor_positions: torch.Tensor,  # (B, C) position of each anchor column
-        state: DecodeState | None,
-        cache: Any,  # the committed tokens' cache (None: nothing committed yet)
-        committed: list[tuple[torch.Tensor, torch.Tensor]] | None,  # per block, see below
-        device: torch.device,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each new position's tentative tail, read after the committed tokens and then dropped
-        from the specialist's cache (its committed tokens are never rewritten). A tail token
-        that this call also commits unchanged (``new.tail_source``) has the committed token's
-        states, so it takes that token's keys (before rotation: a tail key is rotated by its own
-        anchor position) and values from ``committed`` (per block, (B, H, N, hd) each); the
-        specialist runs over the others only."""
-        reused = new.tail_source >= 0 if committed is not None else None
-        reads, positions = tail_attention(
-            mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
-        )  # (B, M, S + M), (B, M)
-        run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
-        order, real, slot = compacted(run)  # the tail tokens to run, first in each row
-        ran = None  # per block, the run tokens' keys (unrotated) and values, (B, H, K, hd)
-        if order.shape[1]:
-            s, k = mask.shape[1], order.shape[1]
-            reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S+M)
-            own = reads[..., s:].gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K)
-            own = (own & real.bool()[:, None, :]) | torch.eye(k, dtype=torch.bool)[None]
-            reads = torch.cat([reads[..., :s], own], dim=-1)  # (B, K, S + K)
-            if cache is None or cache.get_seq_length() == 0:
-                reads, cache = reads[:, :, s:], None  # nothing committed yet
-            dtype = self.specialist.get_input_embeddings().weight.dtype
-            additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(
-                ~reads, torch.finfo(dtype).min
-            )[:, None]  # (B, 1, K, S + K): a custom 4D mask, used as given
-            common = {
-                "attention_mask": additive.to(device),
-                "position_ids": positions.gather(1, order).to(device),
-            }
-            try:
-                states = self._specialist_states(
-                    new.tail_ids.gather(1, order).to(device), common, real=real, cache=cache
-                )
-            finally:
-                if cache is not None and state is not None:
-                    cache.crop(-k)
-            ran = [block.project(x) for block, x in zip(self.bridge.blocks, states, strict=True)]
-        keys, values = [], []
-        for b, block in enumerate(self.bridge.blocks):
-            parts = []
-            if ran is not None:  # back to one slot per tail token
-                parts.append(tuple(x.gather(2, self._slots(slot, x)) for x in ran[b]))
-            if reused is not None and committed is not None:
-                source = new.tail_source.clamp(min=0)
-                parts.append(tuple(x.gather(2, self._slots(source, x)) for x in committed[b]))
-            if len(parts) == 2:
-                take = reused.to(parts[0][0].device)[:, None, :, None]  # (B, 1, M, 1)
-                parts = [tuple(torch.where(take, c, r) for r, c in zip(*parts, strict=True))]
-            tail_k, tail_v = parts[0]
-            device_k = tail_k.device
-            keys.append(
-                block.rotated(tail_k, anchor_positions.gather(1, new.tail_columns).to(device_k))
-            )
-            values.append(tail_v)
-        return keys, values
-
-    @staticmethod
-    def _slots(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B, M) token indices expanded to gather (B, H, M, hd) from ``x`` (B, H, N, hd)."""
-        b, h, _, d = x.shape
-        return index.to(x.device)[:, None, :, None].expand(b, h, -1, d)
 
     def _residual_hook(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from composer.aligned_reading import read_aligned
 from composer.alignment import (
     AlignedTokens,
     TextAlignment,
@@ -188,11 +189,11 @@ def _leaky_tokens(a_tok, s_tok):
 def test_without_the_rule_the_next_characters_leak(tokenizers, monkeypatch):
     # A BPE specialist under a character anchor: its tokens straddle anchor tokens' ends (with a
     # character specialist nothing straddles, so this ablation cannot leak in the other order).
-    import composer.composition as composition_module
+    import composer.aligned_reading as reading_module
 
     composition, a_tok, s_tok = _pair(tokenizers, "char+bpe")
     randomize_bridge(composition)
-    monkeypatch.setattr(composition_module, "aligned_tokens", _leaky_tokens(a_tok, s_tok))
+    monkeypatch.setattr(reading_module, "aligned_tokens", _leaky_tokens(a_tok, s_tok))
     ids = _ids(a_tok, TEXT)
     leaks = 0
     with torch.no_grad():
@@ -251,7 +252,7 @@ def test_each_position_reads_the_word_it_is_writing_as_the_specialist_would_alon
     ids = _ids(a_tok, TEXT)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        keys, _, visible = composition._aligned_keys_values(ids, mask, mask, None)
+        keys, _, visible = read_aligned(composition, ids, mask, mask, None)
     k = 0  # the first block
     _, layer = composition.pairs[k]
     block = composition.bridge.blocks[k]
