@@ -9,7 +9,16 @@ from dataclasses import replace
 import pytest
 
 from composer.repro import kv_data as kv
-from composer.repro.kv import KVSettings, ModelSize, bridge_rows, run
+from composer.repro.kv import (
+    PAPER_SCORING,
+    KVSettings,
+    ModelSize,
+    bridge_rows,
+    eval_sets,
+    make_task,
+    run,
+    training_prompts,
+)
 
 
 def test_task_is_a_seeded_permutation_with_a_held_in_split():
@@ -63,6 +72,27 @@ def test_bridge_data_uses_only_held_in_keys():
     assert sum(r["prompt"][0].isdigit() for r in rows) == 100  # the NUM-MATH share
 
 
+def test_the_papers_scoring_is_unseen_expressions_over_any_keys_and_ours_held_out_keys():
+    settings = replace(KVSettings(), num_keys=60, train_rows=400, eval_rows=80)
+    task = make_task(settings)
+    sets = eval_sets(task, settings)
+
+    def keys(rows):  # noqa: ANN001, ANN202
+        return {k for r in rows for k in r["prompt"].removesuffix("=").split("+")}
+
+    paper = sets[PAPER_SCORING]
+    assert len(paper) == 80
+    assert not {r["prompt"] for r in paper} & training_prompts(task, settings)
+    assert keys(paper) & task.held_in and keys(paper) - task.held_in  # both kinds of key
+    assert not keys(sets["KV-MATH"]) & task.held_in  # ours: held-out keys only
+    # Drawn last: the other sets are what they were before the paper's scoring was added.
+    rng = random.Random(10_000 + settings.seed)
+    held_out = list(task.held_out)
+    assert sets["KV-SUBS"] == kv.kv_subs(rng, task, 80, held_out)
+    assert sets["NUM-MATH"] == kv.num_math(rng, task, 80)
+    assert sets["KV-MATH"] == kv.kv_math(rng, task, 80, held_out)
+
+
 def toy_settings(*, model_steps: int, **changes) -> KVSettings:
     """The experiment at a size that runs in seconds (the numbers mean nothing)."""
     tiny = ModelSize(width=32, layers=2, heads=2, steps=model_steps, batch_size=8, lr=1e-3)
@@ -105,6 +135,7 @@ def test_harness_runs_end_to_end_at_toy_size(tmp_path):
     assert config["bridge"]["prompt_only"] is True
     assert all(0.0 <= v <= 1.0 for col in saved["accuracy"].values() for v in col.values())
     assert "| KV-MATH |" in (tmp_path / "results.md").read_text()
+    assert all(PAPER_SCORING in column for column in saved["accuracy"].values())
     assert (tmp_path / "models" / "anchor" / "kv_meta.json").is_file()
     continued = json.loads((tmp_path / "models" / "anchor-context" / "kv_meta.json").read_text())
     assert continued["continued"] == {"steps": 3, "lr": 1e-3, "context_share": 0.5}

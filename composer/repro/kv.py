@@ -3,7 +3,8 @@
 From the seed alone: build the task, train (or reuse shipped copies of) the small anchor and
 specialist as Hugging Face folders with one shared character tokenizer, train bridges on held-in
 keys with the training engine (``composer.train``), and score exact match by greedy
-co-decoding on held-out keys. Writes ``DIR/results.json`` and ``DIR/results.md``.
+co-decoding on held-out keys (and KV-MATH also as the paper scores it: unseen expressions over
+any keys, :data:`PAPER_SCORING`). Writes ``DIR/results.json`` and ``DIR/results.md``.
 
 Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe):
   specialist / anchor      each model alone
@@ -329,14 +330,53 @@ def exact_match(
     return hits / len(rows)
 
 
+# The paper scores KV-MATH on expressions "not used in training", which may hold keys the bridge
+# trained on; our KV-MATH row is stricter: expressions built only from held-out keys.
+PAPER_SCORING = "KV-MATH (paper's scoring)"
+
+
+def training_prompts(task: kv.KeyValueTask, settings: KVSettings) -> set[str]:
+    """Every prompt a bridge of this run may train on, over all its data variants (pure)."""
+    return {
+        row["prompt"]
+        for variant in ("subs", "math", "worked")
+        for row in bridge_rows(
+            task,
+            variant,
+            count=settings.train_rows,
+            num_math_share=settings.num_math_share,
+            seed=settings.seed,
+        )
+    }
+
+
+def unseen_kv_math(
+    rng: random.Random, task: kv.KeyValueTask, count: int, seen: set[str]
+) -> list[dict[str, str]]:
+    """KV-MATH over every key (held-in ones too) with no prompt in ``seen``: the paper's test
+    set. Fewer than ``count`` rows only when the task has hardly any unseen expression left."""
+    rows: list[dict[str, str]] = []
+    every_key = list(task.keys)
+    for _ in range(100):
+        rows += [r for r in kv.kv_math(rng, task, count, every_key) if r["prompt"] not in seen]
+        if len(rows) >= count:
+            break
+    return rows[:count]
+
+
 def eval_sets(task: kv.KeyValueTask, settings: KVSettings) -> dict[str, list[dict[str, str]]]:
     rng = random.Random(10_000 + settings.seed)
     held_out = list(task.held_out)
-    return {
+    sets = {
         "KV-SUBS": kv.kv_subs(rng, task, settings.eval_rows, held_out),
         "NUM-MATH": kv.num_math(rng, task, settings.eval_rows),
         "KV-MATH": kv.kv_math(rng, task, settings.eval_rows, held_out),
     }
+    # Drawn last, so the rows above are the same as before this set existed.
+    sets[PAPER_SCORING] = unseen_kv_math(
+        rng, task, settings.eval_rows, training_prompts(task, settings)
+    )
+    return sets
 
 
 def _max_new(rows: list[dict[str, str]]) -> int:
@@ -348,6 +388,7 @@ def _max_new(rows: list[dict[str, str]]) -> int:
 _WORKED_PART = {
     "KV-SUBS": lambda text: text.split("=")[0],
     "KV-MATH": lambda text: text.split("=")[-1],
+    PAPER_SCORING: lambda text: text.split("=")[-1],
     "NUM-MATH": lambda text: text,
 }
 
@@ -705,17 +746,22 @@ def _save_results(results: Results, output: Path, *, column: str | None = None) 
 PAPER = {  # Table 1 of the paper: specialist / anchor / CALM, exact match %
     "KV-SUBS": (98.1, 0.0, 92.9),
     "NUM-MATH": (4.2, 73.7, 72.0),
-    "KV-MATH": (0.7, 0.0, 84.3),
+    "KV-MATH": (0.7, 0.0, 84.3),  # scored the paper's way; our row is held-out keys only
+    PAPER_SCORING: (0.7, 0.0, 84.3),
 }
 
 
 def markdown(results: Results) -> str:
     columns = list(results.accuracy)
     lines = [
-        "| dataset (held-out keys) | " + " | ".join(columns) + " | paper: spec. / anchor / CALM |",
+        "| dataset (held-out keys, except the paper's scoring) | "
+        + " | ".join(columns)
+        + " | paper: spec. / anchor / CALM |",
         "| --- |" + " ---: |" * (len(columns) + 1),
     ]
-    for row in ("KV-SUBS", "NUM-MATH", "KV-MATH"):
+    for row in ("KV-SUBS", "NUM-MATH", "KV-MATH", PAPER_SCORING):
+        if any(row not in results.accuracy[c] for c in columns):
+            continue  # results written before that row existed
         cells = [f"{100 * results.accuracy[c][row]:.1f}" for c in columns]
         paper = " / ".join(f"{x:.1f}" for x in PAPER[row])
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {paper} |")
