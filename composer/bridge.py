@@ -123,8 +123,8 @@ class BridgeBlock(nn.Module):
         return self.rotated(keys, positions), values
 
     def project(self, specialist_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, d_specialist) -> keys before rotation and values, each (B, H, S, head_dim):
-        one token's depend only on its state, so equal states share them."""
+        """(B, S, d_specialist) -> keys before rotation and values, each (B, H, S, head_dim).
+        A token's keys and values depend only on its own state: equal states share them."""
         s = self.specialist_proj(self.specialist_norm(specialist_states))  # (B, S, kv_in)
         return self._heads(self.k_proj(s)), self._heads(self.v_proj(s))
 

@@ -6,7 +6,8 @@ One forward (or one decode step) runs:
 3. the anchor, with forward hooks (attached only for this call) that add each block's output to
    the residual stream after its anchor layer.
 Anchor layers below the lowest connected layer see no tensor that needs grad, so autograd
-records nothing there; the specialist runs under ``no_grad``.
+records nothing there; the specialist runs under ``no_grad``. With two tokenizers, step 1 reads
+the specialist's tokens of the same text (composer.aligned_reading).
 """
 
 from __future__ import annotations
