@@ -76,11 +76,10 @@ def read_aligned(
     else:
         # Training has no state: the tails then read the committed tokens from a cache of
         # this call only.
-        cache = (
-            DynamicCache(config=composition.specialist.config) if state is None and tails else None
-        )
         if state is not None:
             cache = state.specialist_cache
+        else:
+            cache = DynamicCache(config=composition.specialist.config) if tails else None
         committed = None  # per block, this call's committed keys (unrotated) and values
         if new.ids.shape[1]:
             common = {
@@ -179,13 +178,13 @@ def _tails(
     anchor position) and values from ``committed`` (per block, (B, H, N, hd) each); the
     specialist runs over the others only."""
     reused = new.tail_source >= 0 if committed is not None else None
-    reads, positions = tail_attention(
-        mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
-    )  # (B, M, S + M), (B, M)
     run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
     order, real, slot = compacted(run)  # the tail tokens to run, first in each row
     ran = None  # per block, the run tokens' keys (unrotated) and values, (B, H, K, hd)
-    if order.shape[1]:
+    if order.shape[1]:  # (nothing to run: every tail is a committed token's twin)
+        reads, positions = tail_attention(
+            mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
+        )  # (B, M, S + M), (B, M)
         s, k = mask.shape[1], order.shape[1]
         reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S+M)
         own = reads[..., s:].gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K)
@@ -209,22 +208,20 @@ def _tails(
             if cache is not None and state is not None:
                 cache.crop(-k)
         ran = [block.project(x) for block, x in zip(composition.bridge.blocks, states, strict=True)]
+    source = new.tail_source.clamp(min=0)  # (B, M) the committed twin, where reused
+    rotate_by = anchor_positions.gather(1, new.tail_columns)  # (B, M) each tail's own position
     keys, values = [], []
     for b, block in enumerate(composition.bridge.blocks):
         parts = []
         if ran is not None:  # back to one slot per tail token
             parts.append(tuple(x.gather(2, _slots(slot, x)) for x in ran[b]))
-        if reused is not None and committed is not None:
-            source = new.tail_source.clamp(min=0)
+        if committed is not None:
             parts.append(tuple(x.gather(2, _slots(source, x)) for x in committed[b]))
         if len(parts) == 2:
             take = reused.to(parts[0][0].device)[:, None, :, None]  # (B, 1, M, 1)
             parts = [tuple(torch.where(take, c, r) for r, c in zip(*parts, strict=True))]
         tail_k, tail_v = parts[0]
-        device_k = tail_k.device
-        keys.append(
-            block.rotated(tail_k, anchor_positions.gather(1, new.tail_columns).to(device_k))
-        )
+        keys.append(block.rotated(tail_k, rotate_by.to(tail_k.device)))
         values.append(tail_v)
     return keys, values
 
