@@ -135,7 +135,7 @@ def build_7b(report: Report, preset: str) -> dict[str, Any]:
 
     from composer.composition import freeze
     from composer.config import read_recipe
-    from composer.loading import quantize_nf4_in_memory
+    from composer.quantize import quantize_nf4_in_memory
 
     config = read_recipe(REPO / preset)
     configs = {role: hub_config(getattr(config, role).model) for role in ("anchor", "specialist")}

@@ -563,7 +563,8 @@ def load_llamacpp_composition(
     without conversion.
     """
     from composer.bridge import bridge_shape_for
-    from composer.loading import file_sha256, locate
+    from composer.cache import file_sha256
+    from composer.loading import locate
 
     locations = {role: locate(getattr(config, role)) for role in ("anchor", "specialist")}
     sources = {

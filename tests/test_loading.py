@@ -166,7 +166,7 @@ def test_real_gguf_anchor_composes_trains_and_generates():
 def test_in_memory_nf4_quantisation_used_for_gguf():
     import bitsandbytes as bnb
 
-    from composer.loading import quantize_nf4_in_memory
+    from composer.quantize import quantize_nf4_in_memory
 
     model = pico_llama(width=128)
     original = pico_llama(width=128)

@@ -500,7 +500,7 @@ _INPUTS = "repro_inputs.json"  # in a bridge run's folder: what the bridge was m
 
 def _inputs(recipe: dict) -> dict[str, Any]:
     """A bridge run's inputs: its recipe and the contents (sha256) of its data and model files."""
-    from composer.loading import file_sha256
+    from composer.cache import file_sha256
 
     files = [Path(recipe["data"]["train"])]
     for role in ("anchor", "specialist"):
