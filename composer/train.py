@@ -36,8 +36,9 @@ from torch import nn
 
 from composer import checkpoints, identity, progress, run_guards, run_lock
 from composer.architectures import decoder_layers
+from composer.batches import collate, length_grouped_batches
 from composer.config import CompositionConfig, ConfigError, read_recipe, resolve_paths
-from composer.data import IGNORE_INDEX, Example, collate, length_grouped_batches, load_dataset
+from composer.data import IGNORE_INDEX, Example, load_dataset
 from composer.pacing import Pacer, eta_seconds, format_duration
 from composer.training_config import DataConfig, TrainingConfig
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from composer import data
+from composer import batches, data
 from composer.chartok import DEFAULT_ALPHABET, build_char_tokenizer
 from composer.config import ConfigError
 from composer.data import IGNORE_INDEX, Example
@@ -396,31 +396,31 @@ def test_preview_reports_rows_with_no_loss_after_truncation(tok, tmp_path):
 
 def test_collate_right_and_left_padding():
     examples = [Example([1, 5, 6], [-100, 5, 6]), Example([1, 7], [-100, 7])]
-    right = data.collate(examples, pad_token_id=0)
+    right = batches.collate(examples, pad_token_id=0)
     assert right["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert right["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
-    left = data.collate(examples, pad_token_id=9, padding_side="left")
+    left = batches.collate(examples, pad_token_id=9, padding_side="left")
     assert left["input_ids"].tolist() == [[1, 5, 6], [9, 1, 7]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
     assert left["labels"].tolist() == [[-100, 5, 6], [-100, -100, 7]]
     assert all(t.dtype == torch.long for t in left.values())
     with pytest.raises(ConfigError, match="padding_side"):
-        data.collate(examples, pad_token_id=0, padding_side="middle")
+        batches.collate(examples, pad_token_id=0, padding_side="middle")
 
 
 def test_length_grouped_batches():
     lengths = [(7 * i) % 23 + 1 for i in range(230)]
     examples = [Example([1] * n, [-100] * n) for n in lengths]
-    batches = data.length_grouped_batches(examples, batch_size=4, seed=0)
-    assert sorted(i for b in batches for i in b) == list(range(230))
-    assert sorted(len(b) for b in batches) == [2] + [4] * 57  # 200 + 30: one short batch
-    assert data.length_grouped_batches(examples, batch_size=4, seed=0) == batches
-    assert data.length_grouped_batches(examples, batch_size=4, seed=1) != batches
-    assert max(lengths[i] for i in batches[0]) == max(lengths)  # an OOM shows at the first step
+    grouped = batches.length_grouped_batches(examples, batch_size=4, seed=0)
+    assert sorted(i for b in grouped for i in b) == list(range(230))
+    assert sorted(len(b) for b in grouped) == [2] + [4] * 57  # 200 + 30: one short batch
+    assert batches.length_grouped_batches(examples, batch_size=4, seed=0) == grouped
+    assert batches.length_grouped_batches(examples, batch_size=4, seed=1) != grouped
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)  # an OOM shows at the first step
     # within a mega-batch (200 here) batches are cut from a sorted list: little padding
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
-    assert spread <= 2 * len(batches)
-    fixed = data.length_grouped_batches(examples, batch_size=4, seed=0, shuffle=False)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped)
+    assert spread <= 2 * len(grouped)
+    fixed = batches.length_grouped_batches(examples, batch_size=4, seed=0, shuffle=False)
     assert fixed[0] == sorted(range(200), key=lambda i: -lengths[i])[:4]
     assert [len(b) for b in fixed][-8:] == [4] * 7 + [2]

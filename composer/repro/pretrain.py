@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from composer.data import collate, encode
+from composer.batches import collate
+from composer.data import encode
 from composer.hardware import flushed_denormals
 from composer.pacing import Pacer
 
