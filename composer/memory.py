@@ -19,6 +19,7 @@ from composer.bridge import bridge_shape_for
 from composer.config import CompositionConfig, read_recipe
 from composer.hardware import default_device, resolve_dtype
 from composer.loading import load_config
+from composer.pacing import format_bytes
 from composer.training_config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -193,8 +194,8 @@ class Plan:
             f"{self.bridge_parameters:,} bridge parameters):"
         ]
         for name, size, note in self.components:
-            lines.append(f"  {name:<{width}}  {_human(size):>10}  {note}")
-        lines.append(f"  {'total':<{width}}  {_human(self.total_bytes):>10}")
+            lines.append(f"  {name:<{width}}  {format_bytes(size):>10}  {note}")
+        lines.append(f"  {'total':<{width}}  {format_bytes(self.total_bytes):>10}")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(
             f"{verdict} in {self.device.name}: {gib(self.device.available_bytes)} free of "
@@ -266,10 +267,3 @@ def plan(
         batch_size=training.batch_size,
         max_length=training.max_length,
     )
-
-
-def _human(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"

@@ -1,5 +1,5 @@
-"""When to tell a waiting person something: at least every few seconds, with an ETA (pure but
-for the clock, which is injectable)."""
+"""When to tell a waiting person something (at least every few seconds, with an ETA; pure but for
+the clock, which is injectable), and how to write times and sizes for them."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def format_bytes(n: float) -> str:
+    """'512 B', '3.00 KiB', '1.50 GiB' (pure)."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def eta_seconds(done: int, total: int, elapsed_s: float) -> float | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from composer.pacing import Pacer, eta_seconds, format_duration
+from composer.pacing import Pacer, eta_seconds, format_bytes, format_duration
 
 
 def test_durations_and_eta():
@@ -44,3 +44,8 @@ def test_tokenising_a_file_reports_progress(tmp_path, monkeypatch, caplog):
     assert len(split.train) == 5
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenising")]
     assert lines[0].startswith("tokenising sums.jsonl: rows 1/5, ") and len(lines) == 4
+
+
+def test_format_bytes_picks_the_largest_unit_that_fits():
+    sizes = (0, 512, 3 * 1024, 5 * 1024**2 + 1, 1.5 * 1024**3)
+    assert [format_bytes(n) for n in sizes] == ["0 B", "512 B", "3.00 KiB", "5.00 MiB", "1.50 GiB"]

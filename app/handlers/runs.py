@@ -1,6 +1,10 @@
 """Training runs: each is a separate `calm-composer train RECIPE --output runs/NAME` process;
 the app writes the recipe, starts, stops and resumes the process, and reads the files it writes
-(status.json, progress.jsonl, train.log), so any page (or a later app) can follow a run."""
+(status.json, progress.jsonl, train.log), so any page (or a later app) can follow a run.
+
+Why ~420 lines: a run's whole life as the app sees it (the form, start, stop, resume, the view)
+read top to bottom; the files' formats are :mod:`composer.progress`'s and the lock is
+:mod:`composer.run_lock`'s."""
 
 from __future__ import annotations
 
@@ -419,21 +423,3 @@ def loss_series(
         if isinstance(eval_loss, (int, float)) and math.isfinite(eval_loss):
             rows.append({"step": record["step"], "loss": float(eval_loss), "series": "eval"})
     return rows
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
-
-
-def format_bytes(n: float | None) -> str:
-    if not n:
-        return "—"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"

@@ -17,6 +17,7 @@ from app.handlers import runs
 from app.session import Session
 from app.ui import guard
 from composer import progress
+from composer.pacing import format_bytes, format_duration
 
 ACTIVE = (runs.STARTING, *(s.value for s in progress.LIVE))  # the run is (about to be) writing
 
@@ -142,7 +143,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
 def progress_html(view: runs.RunView) -> str:
     percent = 100 * view.fraction
     total = view.max_steps or "?"
-    eta = runs.format_duration(view.eta_s) if view.state in ACTIVE else "—"
+    eta = format_duration(view.eta_s) if view.state in ACTIVE and view.eta_s is not None else "—"
     label = (
         f"step {view.step} / {total} · {percent:.0f}% · ETA {eta}"
         if view.state != "none"
@@ -180,8 +181,8 @@ def stats_markdown(view: runs.RunView) -> str:
         f"epoch {last.get('epoch', 0):.2f}",
         f"lr {last.get('lr', 0):.2e}",
         f"{tps} tokens/s",
-        f"peak memory {runs.format_bytes(view.peak_memory_bytes)}",
-        f"elapsed {runs.format_duration(view.elapsed_s)}",
+        f"peak memory {format_bytes(view.peak_memory_bytes) if view.peak_memory_bytes else '—'}",
+        f"elapsed {'—' if view.elapsed_s is None else format_duration(view.elapsed_s)}",
     ]
     evals = [r for r in view.records if "eval_loss" in r]
     if evals:
