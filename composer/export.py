@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +22,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from composer.atomic import write_folder_atomically
+from composer.bridge import Bridge, BridgeShape
 from composer.config import ConfigError, first_line
-from composer.identity import model_identity
+from composer.identity import identity_mismatches, model_identity
+from composer.pairing import check_pairs
 
 if TYPE_CHECKING:
     from composer.composition import Composition
@@ -229,3 +232,50 @@ def read_bridge_config(path: str | os.PathLike) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}. Upgrade calm-composer or re-export the bridge."
         )
     return config
+
+
+def read_bridge(
+    path: str | os.PathLike,
+    identities: Mapping[str, dict[str, Any]],
+    *,
+    anchor_layers: int,
+    specialist_layers: int,
+) -> Bridge:
+    """The bridge saved in ``path``, refused unless it was made for the two models whose current
+    identities (role -> :func:`composer.identity.config_identity`) and layer counts are given.
+
+    Every engine reads a bridge here, so a bridge is checked the same way whichever loads it.
+    """
+    path = Path(path)
+    config = read_bridge_config(path)
+    problems = []
+    for role in ("anchor", "specialist"):
+        problems += identity_mismatches(role, config[role], identities[role])
+    if problems:
+        raise ConfigError(
+            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
+        )
+    try:
+        shape = BridgeShape.from_dict(config["bridge"])
+        # Never build a bridge larger than its weights file could hold (a damaged or hostile
+        # config would otherwise allocate whatever it names).
+        bytes_needed = shape.num_parameters() * 2  # at least 2 bytes per value (bf16/fp16)
+        if bytes_needed > os.path.getsize(path / WEIGHTS):
+            raise ConfigError(
+                f"{path / CONFIG} describes a bridge of {shape.num_parameters():,} parameters but "
+                f"{path / WEIGHTS} is only {os.path.getsize(path / WEIGHTS):,} bytes; the bridge "
+                "folder is damaged: save or train it again"
+            )
+        bridge = Bridge(shape, dtype=config.get("dtype", "float32"))
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path / CONFIG} describes no usable bridge ({type(exc).__name__}: {exc}); the "
+            "bridge folder is damaged: save or train it again"
+        ) from None
+    check_pairs(shape.pairs, anchor_layers=anchor_layers, specialist_layers=specialist_layers)
+    tensors = read_safetensors(path / WEIGHTS)
+    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
+    bridge.load_state_dict(tensors)
+    return bridge

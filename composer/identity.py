@@ -88,15 +88,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def model_identity(
-    model: torch.nn.Module, *, source: dict[str, Any] | None = None, tokenizer: Any = None
+def config_identity(
+    config: Any,
+    *,
+    source: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    weights: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
-    """What identifies a frozen model: where it came from, the shape the bridge depends on, and a
-    fingerprint of its weights (so another model of the same shape is told apart)."""
-    shape = model_shape(model.config)
+    """What identifies a frozen model: where it came from, the shape the bridge depends on, its
+    tokenizer, and ``weights`` (its :func:`weights_fingerprint`, so another model of the same
+    shape is told apart; None where the file's sha256 in ``source`` stands for them)."""
+    shape = model_shape(config)
     source = source or {}
     return {
-        "name": source.get("name") or getattr(model.config, "_name_or_path", "") or "",
+        "name": source.get("name") or getattr(config, "_name_or_path", "") or "",
         "revision": source.get("revision"),
         "sha256": source.get("sha256"),
         "model_type": shape.model_type,
@@ -106,8 +111,17 @@ def model_identity(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)
         if tokenizer is not None
         else None,
-        "weights_fingerprint": weights_fingerprint(model),
+        "weights_fingerprint": weights,
     }
+
+
+def model_identity(
+    model: torch.nn.Module, *, source: dict[str, Any] | None = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """:func:`config_identity` of a loaded model, with the fingerprint of its weights."""
+    return config_identity(
+        model.config, source=source, tokenizer=tokenizer, weights=weights_fingerprint(model)
+    )
 
 
 def identity_mismatches(role: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -43,7 +43,9 @@ from composer.alignment import (
 from composer.architectures import model_shape, sliding_window
 from composer.bridge import Bridge
 from composer.config import CompositionConfig, ConfigError
+from composer.export import read_bridge
 from composer.generate import decoding
+from composer.identity import config_identity
 from composer.llamacpp_model import LayerHandler, LayerOutput, LlamaCppModel
 
 if TYPE_CHECKING:
@@ -595,7 +597,18 @@ def load_llamacpp_composition(
     if alignment is None:
         tokenizers["specialist"] = tokenizers["anchor"]
     if bridge is not None:
-        loaded_bridge = _read_bridge(bridge, configs, sources, tokenizers)
+        loaded_bridge = read_bridge(
+            bridge,
+            # the file's sha256 stands for the weights (no torch weights to fingerprint)
+            {
+                role: config_identity(
+                    configs[role], source=sources[role], tokenizer=tokenizers[role]
+                )
+                for role in configs
+            },
+            anchor_layers=model_shape(configs["anchor"]).num_layers,
+            specialist_layers=model_shape(configs["specialist"]).num_layers,
+        )
     else:
         shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)
         # the same new bridge as the torch engine's for a seed, the caller's generator untouched
@@ -681,63 +694,3 @@ def _limited_context(config: Any, n_ctx: int) -> Any:
     positions = getattr(config, "max_position_embeddings", None)
     limited.max_position_embeddings = min(positions, n_ctx) if positions else n_ctx
     return limited
-
-
-def gguf_identity(config: Any, *, source: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """A GGUF model's identity as composer.identity.model_identity records it, without torch
-    weights: the file's sha256 stands for them (no weights fingerprint to compare)."""
-    from composer.identity import tokenizer_fingerprint
-
-    shape = model_shape(config)
-    return {
-        "name": source.get("name") or "",
-        "revision": source.get("revision"),
-        "sha256": source.get("sha256"),
-        "model_type": shape.model_type,
-        "width": shape.width,
-        "num_layers": shape.num_layers,
-        "vocab_size": shape.vocab_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "weights_fingerprint": None,
-    }
-
-
-def _read_bridge(
-    path: str | os.PathLike,
-    configs: Mapping[str, Any],
-    sources: Mapping[str, dict[str, Any]],
-    tokenizers: Mapping[str, Any],
-) -> Bridge:
-    """The saved bridge, refused unless it was made for these two models (as export checks)."""
-    from composer.bridge import BridgeShape
-    from composer.export import WEIGHTS, check_bridge_tensors, read_bridge_config, read_safetensors
-    from composer.identity import identity_mismatches
-    from composer.pairing import check_pairs
-
-    path = Path(path)
-    saved = read_bridge_config(path)
-    problems = []
-    for role in ("anchor", "specialist"):
-        current = gguf_identity(configs[role], source=sources[role], tokenizer=tokenizers[role])
-        problems += identity_mismatches(role, saved[role], current)
-    if problems:
-        raise ConfigError(
-            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
-        )
-    try:
-        shape = BridgeShape.from_dict(saved["bridge"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{path} describes no usable bridge ({type(exc).__name__}: {exc}); the bridge folder "
-            "is damaged: save or train it again"
-        ) from None
-    check_pairs(
-        shape.pairs,
-        anchor_layers=model_shape(configs["anchor"]).num_layers,
-        specialist_layers=model_shape(configs["specialist"]).num_layers,
-    )
-    bridge = Bridge(shape, dtype=saved.get("dtype", "float32"))
-    tensors = read_safetensors(path / WEIGHTS)
-    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
-    bridge.load_state_dict(tensors)
-    return bridge

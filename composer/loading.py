@@ -20,20 +20,12 @@ import torch
 from torch import nn
 
 from composer.architectures import model_shape
-from composer.bridge import Bridge, BridgeShape
 from composer.cache import cache_root, file_sha256
 from composer.composition import Composition, check_vocabularies, compose, freeze
 from composer.config import CompositionConfig, ConfigError, ModelSpec, first_line, read_recipe
-from composer.export import (
-    CONFIG,
-    WEIGHTS,
-    check_bridge_tensors,
-    read_bridge_config,
-    read_safetensors,
-)
+from composer.export import read_bridge
 from composer.hardware import configure_cuda_allocator, default_device, resolve_dtype
-from composer.identity import identity_mismatches, model_identity
-from composer.pairing import check_pairs
+from composer.identity import model_identity
 from composer.quantize import (
     disable_cpu_bf16_repack,
     quantization_config,
@@ -329,47 +321,19 @@ def load_bridge(
     sources: dict[str, dict[str, Any]] | None = None,
 ) -> Composition:
     """Compose two loaded models with a saved bridge; refuses a bridge made for another pair."""
-    path = Path(path)
-    config = read_bridge_config(path)
     sources = sources or {}
-    problems = []
     tokenizers = {"anchor": tokenizer, "specialist": specialist_tokenizer or tokenizer}
-    for role, model in (("anchor", anchor_model), ("specialist", specialist_model)):
-        current = model_identity(model, source=sources.get(role), tokenizer=tokenizers[role])
-        problems += identity_mismatches(role, config[role], current)
-    if problems:
-        raise ConfigError(
-            f"the bridge in {path} was not made for these models: " + "; ".join(problems)
-        )
-    try:
-        shape = BridgeShape.from_dict(config["bridge"])
-        dtype = config.get("dtype", "float32")
-        # Never build a bridge larger than its weights file could hold (a damaged or hostile
-        # config would otherwise allocate whatever it names).
-        bytes_needed = shape.num_parameters() * 2  # at least 2 bytes per value (bf16/fp16)
-        if bytes_needed > os.path.getsize(path / WEIGHTS):
-            raise ConfigError(
-                f"{path / CONFIG} describes a bridge of {shape.num_parameters():,} parameters but "
-                f"{path / WEIGHTS} is only {os.path.getsize(path / WEIGHTS):,} bytes; the bridge "
-                "folder is damaged: save or train it again"
-            )
-        bridge = Bridge(shape, dtype=dtype)
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"{path / CONFIG} describes no usable bridge ({type(exc).__name__}: {exc}); the "
-            "bridge folder is damaged: save or train it again"
-        ) from None
-    check_pairs(
-        shape.pairs,
+    models = {"anchor": anchor_model, "specialist": specialist_model}
+    bridge = read_bridge(
+        path,
+        {
+            role: model_identity(model, source=sources.get(role), tokenizer=tokenizers[role])
+            for role, model in models.items()
+        },
         anchor_layers=model_shape(anchor_model.config).num_layers,
         specialist_layers=model_shape(specialist_model.config).num_layers,
     )
     check_vocabularies(anchor_model, specialist_model, tokenizer, tokenizers["specialist"])
-    tensors = read_safetensors(path / WEIGHTS)
-    check_bridge_tensors(tensors, bridge.state_dict(), path / WEIGHTS)
-    bridge.load_state_dict(tensors)
     bridge.to(anchor_model.get_input_embeddings().weight.device)
     freeze(anchor_model)
     freeze(specialist_model)
