@@ -208,14 +208,6 @@ class TextAlignment:
     def row(self) -> RowAligner:
         return RowAligner(self.anchor_tokenizer, self.specialist_tokenizer, self.start)
 
-    def specialist_text_ids(self, text: str) -> list[int]:
-        """The specialist tokens a whole row of ``text`` commits (a report, and tests)."""
-        ids = self.anchor_tokenizer(text, add_special_tokens=False).input_ids
-        row = self.row()
-        for i in ids:
-            row.push(i)
-        return row.committed
-
 
 @dataclass(frozen=True)
 class AlignedTokens:

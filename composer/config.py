@@ -55,15 +55,10 @@ def is_number(value: Any) -> bool:
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
     """A config field whose help text is data (as PEFT's ``metadata={"help": ...}``): the CLI's
-    ``calm-composer fields`` and the app's labels read it with :func:`field_help`."""
+    ``calm-composer fields`` (:func:`reference`) and the app's form labels read it."""
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     return field(metadata={"help": help}, **kwargs)
-
-
-def field_help(cls: type, name: str) -> str:
-    """The help text of setting ``name`` of config class ``cls`` ("" when it has none)."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
 def reference(sections: Mapping[str, type]) -> list[str]:

@@ -116,11 +116,3 @@ def check_pair_configs(
             "cannot be composed: " + "; ".join(problems)
         )
     return configs
-
-
-def check_positions(composition: Any, *, max_length: int) -> None:
-    """position_problems for models already loaded."""
-    configs = {"anchor": composition.anchor.config, "specialist": composition.specialist.config}
-    problems = position_problems(configs, max_length=max_length)
-    if problems:
-        raise ConfigError("; ".join(problems))

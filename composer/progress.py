@@ -49,7 +49,6 @@ class RunStatus(str, enum.Enum):
     FAILED = "failed"  # with a one-line reason
 
 
-STATES = tuple(s.value for s in RunStatus)
 LIVE = (RunStatus.RUNNING, RunStatus.STOPPING)  # a process should be writing the folder
 ENDED = (RunStatus.STOPPED, RunStatus.FINISHED, RunStatus.FAILED)
 PROGRESS_KEYS = (

@@ -75,22 +75,6 @@ def inherited(folder: str | os.PathLike) -> int | None:
     return fd
 
 
-def is_held(folder: str | os.PathLike) -> bool:
-    """Whether some process holds the folder's lock now (a probe; takes and drops it)."""
-    path = Path(folder) / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def release(fd: int | None) -> None:
     if fd is not None:
         try:
