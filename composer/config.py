@@ -1,28 +1,47 @@
-"""Frozen, validated configuration objects for a composition.
+"""The recipe's schema: frozen, validated settings for a composition.
 
-Every user-facing setting lives here. Each dataclass validates itself in ``__post_init__`` and
-raises :class:`ConfigError` with a message that names the field, the value, what was expected
-and what to do. Layer indices are 0-based everywhere.
+Every user-facing setting lives here or in :mod:`composer.training_config`, as a field of a
+frozen pydantic dataclass (``@section("bridge")``): its type says what it accepts (``Positive``,
+``Number``, a ``Literal`` of choices, ...) and pydantic checks it; its ``setting(help=...)`` is
+data that ``calm-composer fields`` and the app's labels show. A bad value is a
+:class:`ConfigError` whose message names the field, the value, what was expected (said from the
+field's type) and what to do (the field's ``fix``); checks across fields stay in
+``__post_init__``. Layer indices are 0-based everywhere.
 
-Why ~420 lines: each section of a composition recipe (models, bridge, generation, the whole) with
-its help text and checks, and the one reader that builds them from YAML, are one home for every
-setting; the training section is :mod:`composer.training_config`.
+Why ~400 lines: the schema's helpers, each section of a composition recipe and the one reader
+that builds them from YAML are one home for every setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, Literal
 
-QUANTIZATIONS = ("none", "nf4", "int8")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import ConfigDict, Field, Strict, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+Quantization = Literal["none", "nf4", "int8"]
+QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
+_A_MAPPING = "a mapping of settings (YAML 'key: value' lines)"
+
+# Field types: strict, so 2.0 is not a whole number, "5" not a number and 1 not true.
+Whole = Annotated[int, Strict()]
+Positive = Annotated[int, Strict(), Ge(1)]
+NonNegative = Annotated[int, Strict(), Ge(0)]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # an int or a finite float
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+NonBlank = Annotated[str, Strict(), Field(pattern=r"\S")]  # some character other than space
+Layer = Annotated[int, Ge(0)]  # a layer index, counted from 0
 
 
 class ConfigError(ValueError):
@@ -45,27 +64,128 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def setting(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    fix: str = "",
+    expect: str = "",
+    **kwargs: Any,
+) -> Any:
     """A config field whose help text is data (as PEFT's ``metadata={"help": ...}``): the CLI's
-    ``calm-composer fields`` (:func:`reference`) and the app's form labels read it."""
+    ``calm-composer fields`` (:func:`reference`) and the app's form labels read it. ``fix`` is
+    said after a bad value (what to do); ``expect`` replaces what the type says is expected."""
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
-    return field(metadata={"help": help}, **kwargs)
+    return field(metadata={"help": help, "fix": fix, "expect": expect}, **kwargs)
+
+
+class SettingsError(ConfigError):
+    """A section's settings that pydantic refused; :meth:`said_for` names them in a section."""
+
+    def __init__(self, cls: type, where: str, errors: list[dict[str, Any]], given: dict) -> None:
+        self.cls, self.errors, self.given = cls, errors, given
+        super().__init__(self.said_for(where))
+
+    def said_for(self, where: str) -> str:
+        """The message for the first problem, with ``where`` as the section's name (pure)."""
+        fields = self.cls.__dataclass_fields__
+        unknown = sorted(
+            str(e["loc"][0])
+            for e in self.errors
+            if e["type"] in ("unexpected_keyword_argument", "extra_forbidden")
+        )
+        if unknown:
+            return (
+                f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(fields)}; "
+                "fix the spelling or remove them"
+            )
+        error = self.errors[0]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):  # a check across fields, in __post_init__
+            return str(cause)
+        name = str(error["loc"][0])
+        meta = fields[name].metadata
+        if error["type"] in ("missing", "missing_argument") and len(error["loc"]) == 1:
+            return f"'{where}' has no '{name}'; add '{name}: ...': {meta.get('help', '')}"
+        value = self.given.get(name, error.get("input"))
+        pydantic_field = self.cls.__pydantic_fields__[name]
+        expected = meta.get("expect") or expectation(
+            pydantic_field.annotation, pydantic_field.metadata
+        )
+        fix = f" ({meta['fix']})" if meta.get("fix") else ""
+        return f"{where}.{name} is {value!r}; expected {expected}{fix}"
+
+
+def expectation(annotation: Any, metadata: Any = ()) -> str:
+    """What a field's type accepts, in words: 'a whole number >= 1', 'one of a, b' (pure)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return expectation(args[0], [*metadata, *annotation.__metadata__])
+    if origin in (typing.Union, types.UnionType):
+        said = [expectation(a, metadata) for a in args if a is not type(None)]
+        return " or ".join(said)  # None: the field's fix says "or leave it out"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    kind = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    said = kind.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    bound = {
+        kind: getattr(m, kind.__name__.lower())
+        for m in metadata
+        for kind in (Ge, Gt, Le, Lt)
+        if isinstance(m, kind)
+    }
+    low = (f"[{bound[Ge]}", f">= {bound[Ge]}") if Ge in bound else None
+    low = (f"({bound[Gt]}", f"> {bound[Gt]}") if Gt in bound else low
+    high = (f"{bound[Le]}]", f"<= {bound[Le]}") if Le in bound else None
+    high = (f"{bound[Lt]})", f"< {bound[Lt]}") if Lt in bound else high
+    if low and high:
+        return f"{said} in {low[0]}, {high[0]}"
+    return " ".join([said, *(b[1] for b in (low, high) if b)])
+
+
+def section(where: str) -> Callable[[type], type]:
+    """Make ``cls`` a frozen pydantic dataclass of the recipe section ``where``: unknown keys
+    and bad values raise :class:`SettingsError` (a ConfigError) naming ``where.field``."""
+
+    def make(cls: type) -> type:
+        cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+        validated_init = cls.__init__
+
+        def __init__(self: Any, **given: Any) -> None:
+            try:
+                validated_init(self, **given)
+            except ValidationError as exc:
+                raise SettingsError(cls, where, exc.errors(), given) from None
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return make
+
+
+def build(cls: type, values: Any, where: str) -> Any:
+    """``cls`` from a recipe's section ``values`` (a mapping), its messages naming ``where``."""
+    require(isinstance(values, Mapping), f"'{where}' is {values!r}; expected {_A_MAPPING}")
+    try:
+        return cls(**{str(k): v for k, v in values.items()})
+    except SettingsError as exc:
+        raise ConfigError(exc.said_for(where)) from None
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The Python type a setting holds (int, float, bool, str, ...), without its constraints."""
+    annotation = cls.__pydantic_fields__[name].annotation
+    while typing.get_origin(annotation) in (Annotated, typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
 
 
 def reference(sections: Mapping[str, type]) -> list[str]:
     """Lines documenting every setting of each recipe section: name, default and help (pure)."""
     lines = []
-    for section, cls in sections.items():
-        lines.append(f"{section}:")
+    for name, cls in sections.items():
+        lines.append(f"{name}:")
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 default = f" (default: {json.dumps(_plain(f.default))})"
@@ -75,64 +195,37 @@ def reference(sections: Mapping[str, type]) -> list[str]:
     return lines
 
 
-def check_keys(cls: type, section: Any, where: str) -> dict[str, Any]:
-    """``section`` as a dict, or ConfigError when it is not a mapping or names unknown settings."""
-    require(
-        isinstance(section, Mapping),
-        f"'{where}' is {section!r}; expected a mapping of settings (YAML 'key: value' lines)",
-    )
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known)
-    require(
-        not unknown,
-        f"unknown setting(s) {unknown} in '{where}'; expected some of {sorted(known)}; "
-        "fix the spelling or remove them",
-    )
-    return dict(section)
-
-
-@dataclass(frozen=True)
+@section("model")
 class ModelSpec:
     """Where a frozen model comes from and how it is loaded."""
 
-    model: str = setting(help="A Hugging Face hub id, a local folder, or a local .gguf file")
-    quantization: str = setting(
+    model: NonBlank = setting(
+        help="A Hugging Face hub id, a local folder, or a local .gguf file",
+        expect="a Hugging Face hub id (e.g. 'Qwen/Qwen2.5-0.5B'), a local folder or a .gguf file "
+        "path",
+    )
+    quantization: Quantization = setting(
         "none", help="none, nf4 (bitsandbytes 4-bit: what we use for the anchor on a GPU) or int8"
     )
-    dtype: str = setting(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", help="auto (chosen for the device the model runs on), float32, bfloat16, float16"
     )
-    revision: str | None = setting(
+    revision: Text | None = setting(
         None, help="Hub revision (branch, tag or commit); ignored for local files"
     )
-    tokenizer: str | None = setting(None, help="Tokenizer source when it is not beside the weights")
-    trust_remote_code: bool = setting(
+    tokenizer: Text | None = setting(
+        None, help="Tokenizer source when it is not beside the weights"
+    )
+    trust_remote_code: Flag = setting(
         False, help="Run code from the model's repository (off unless you trust it)"
     )
-
-    def __post_init__(self) -> None:
-        require(
-            isinstance(self.model, str) and self.model.strip() != "",
-            f"model is {self.model!r}; expected a Hugging Face hub id (e.g. 'Qwen/Qwen2.5-0.5B'), "
-            "a local folder or a .gguf file path",
-        )
-        require(
-            self.quantization in QUANTIZATIONS,
-            f"quantization is {self.quantization!r} for model {self.model!r}; expected one of "
-            f"{', '.join(QUANTIZATIONS)}",
-        )
-        require(
-            self.dtype in DTYPES,
-            f"dtype is {self.dtype!r} for model {self.model!r}; "
-            f"expected one of {', '.join(DTYPES)}",
-        )
 
     @property
     def is_gguf(self) -> bool:
         return self.model.lower().endswith(".gguf")
 
 
-@dataclass(frozen=True)
+@section("bridge")
 class BridgeConfig:
     """Shape of the bridge: which layers are connected and how wide each block is.
 
@@ -141,103 +234,77 @@ class BridgeConfig:
     with as many evenly spaced anchor layers (see :func:`composer.pairing.default_pairs`).
     """
 
-    every: int = setting(4, help="One block per this many specialist layers (paper: 4)")
-    pairs: tuple[tuple[int, int], ...] | None = setting(
-        None, help="Explicit [[anchor_layer, specialist_layer], ...], 0-based; overrides every"
+    every: Positive = setting(
+        4, help="One block per this many specialist layers (paper: 4)", fix="paper: 4"
     )
-    num_heads: int | None = setting(
-        None, help="Cross-attention heads; unset: as many as the anchor (paper)"
+    pairs: tuple[tuple[Layer, Layer], ...] | None = setting(
+        None,
+        help="Explicit [[anchor_layer, specialist_layer], ...], 0-based; overrides every",
+        expect="a list of [anchor_layer, specialist_layer] pairs of 0-based layer indices "
+        "(>= 0), e.g. [[3, 1], [7, 3]]",
     )
-    head_dim: int | None = setting(None, help="Width of a head; unset: d_anchor // num_heads")
-    project_specialist: bool = setting(
+    num_heads: Positive | None = setting(
+        None,
+        help="Cross-attention heads; unset: as many as the anchor (paper)",
+        fix="or leave it out to use the anchor's own",
+    )
+    head_dim: Positive | None = setting(
+        None,
+        help="Width of a head; unset: d_anchor // num_heads",
+        fix="or leave it out to use the anchor's own",
+    )
+    project_specialist: Flag = setting(
         True, help="Linear(d_specialist -> d_anchor) before keys/values (paper)"
     )
-    norm: bool = setting(
+    norm: Flag = setting(
         True, help="RMSNorm on the query and key/value inputs: anchor states can be huge"
     )
-    causal: bool = setting(
+    causal: Flag = setting(
         True, help="Anchor position t reads specialist positions <= t; false only shows the leak"
     )
     # Reading "this token" needs its position, and plain cross-attention only sees content (see
     # composer/bridge.py).
-    rotary: bool = setting(True, help="RoPE on queries and keys at their token positions")
+    rotary: Flag = setting(True, help="RoPE on queries and keys at their token positions")
     # In training the prompt is the positions before the first labelled token.
-    prompt_only: bool = setting(
+    prompt_only: Flag = setting(
         False, help="The paper's specialist-as-encoder ablation: read the prompt's states only"
     )
-    dtype: str = setting(
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
         "float32", help="Bridge weights; float32 keeps the small trainable part exact"
     )
 
     def __post_init__(self) -> None:
-        require(
-            isinstance(self.every, int) and self.every >= 1,
-            f"bridge.every is {self.every!r}; expected a whole number >= 1 (paper: 4)",
-        )
         if self.pairs is not None:
-            try:
-                pairs = tuple((int(a), int(s)) for a, s in self.pairs)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"bridge.pairs is {self.pairs!r}; expected a list of [anchor_layer, "
-                    "specialist_layer] pairs of 0-based layer indices, e.g. [[3, 1], [7, 3]]"
-                ) from None
-            require(len(pairs) > 0, "bridge.pairs is empty; give at least one pair or leave it out")
-            for a, s in pairs:
-                require(
-                    a >= 0 and s >= 0,
-                    f"bridge.pairs has ({a}, {s}); layer indices are 0-based and must be >= 0",
-                )
+            require(self.pairs, "bridge.pairs is empty; give at least one pair or leave it out")
             require(
-                len(set(pairs)) == len(pairs),
-                f"bridge.pairs {list(pairs)} has a repeated pair; list each pair once",
-            )
-            object.__setattr__(self, "pairs", pairs)
-        for name in ("num_heads", "head_dim"):
-            value = getattr(self, name)
-            require(
-                value is None or (isinstance(value, int) and value >= 1),
-                f"bridge.{name} is {value!r}; expected a whole number >= 1, or leave it out to use "
-                "the anchor's own",
+                len(set(self.pairs)) == len(self.pairs),
+                f"bridge.pairs {list(self.pairs)} has a repeated pair; list each pair once",
             )
         require(
             not self.rotary or self.head_dim is None or self.head_dim % 2 == 0,
             f"bridge.head_dim is {self.head_dim}; rotary positions need an even head_dim",
         )
-        require(
-            self.dtype in ("float32", "bfloat16", "float16"),
-            f"bridge.dtype is {self.dtype!r}; expected float32, bfloat16 or float16",
-        )
 
 
-@dataclass(frozen=True)
+@section("generation")
 class GenerationConfig:
     """Decoding settings; sampling is done by transformers' logits processors."""
 
-    max_new_tokens: int = setting(256, help="Most tokens a reply may have")
-    do_sample: bool = setting(False, help="Sample; off: greedy, reproducible")
-    temperature: float = setting(1.0, help="Sampling temperature (> 0)")
-    top_p: float = setting(1.0, help="Nucleus sampling: keep the smallest set with this mass")
-    top_k: int = setting(0, help="Keep the k most likely tokens; 0: off")
-    repetition_penalty: float = setting(1.0, help="Penalty on repeated tokens; 1.0: off")
-    stop: tuple[str, ...] = setting((), help="Stop strings, besides the tokenizer's EOS")
-
-    def __post_init__(self) -> None:
-        require(
-            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-            f"max_new_tokens is {self.max_new_tokens!r}; expected a whole number >= 1",
-        )
-        require(
-            self.temperature > 0,
-            f"temperature is {self.temperature!r}; expected > 0 (use do_sample=False for greedy)",
-        )
-        require(0 < self.top_p <= 1, f"top_p is {self.top_p!r}; expected a number in (0, 1]")
-        require(self.top_k >= 0, f"top_k is {self.top_k!r}; expected >= 0 (0 turns it off)")
-        require(
-            self.repetition_penalty > 0,
-            f"repetition_penalty is {self.repetition_penalty!r}; expected > 0 (1.0 turns it off)",
-        )
-        object.__setattr__(self, "stop", tuple(self.stop))
+    max_new_tokens: Positive = setting(256, help="Most tokens a reply may have")
+    do_sample: Flag = setting(False, help="Sample; off: greedy, reproducible")
+    temperature: Annotated[Number, Gt(0)] = setting(
+        1.0, help="Sampling temperature (> 0)", fix="use do_sample=False for greedy"
+    )
+    top_p: Annotated[Number, Gt(0), Le(1)] = setting(
+        1.0, help="Nucleus sampling: keep the smallest set with this mass"
+    )
+    top_k: NonNegative = setting(
+        0, help="Keep the k most likely tokens; 0: off", fix="0 turns it off"
+    )
+    repetition_penalty: Annotated[Number, Gt(0)] = setting(
+        1.0, help="Penalty on repeated tokens; 1.0: off", fix="1.0 turns it off"
+    )
+    stop: tuple[Text, ...] = setting((), help="Stop strings, besides the tokenizer's EOS")
 
     def generate_kwargs(self) -> dict[str, Any]:
         """These settings as ``Composition.generate``'s keyword arguments (the one place they
@@ -253,10 +320,7 @@ class GenerationConfig:
         )
 
 
-_SECTIONS_KEPT_RAW = ("training", "data", "hardware")
-
-
-@dataclass(frozen=True)
+@section("recipe")
 class CompositionConfig:
     """The whole recipe: two models, the bridge, decoding, and sections later stages read."""
 
@@ -264,22 +328,17 @@ class CompositionConfig:
     specialist: ModelSpec
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    name: str = ""
-    description: str = ""
+    name: Text = ""
+    description: Text = ""
     # Sections owned by training, data and presets; kept as read-only mappings here.
-    training: Mapping[str, Any] = field(default_factory=dict)
-    data: Mapping[str, Any] = field(default_factory=dict)
-    hardware: Mapping[str, Any] = field(default_factory=dict)
-    expect: str = ""
+    training: Mapping[str, Any] = setting(default_factory=dict, help="", expect=_A_MAPPING)
+    data: Mapping[str, Any] = setting(default_factory=dict, help="", expect=_A_MAPPING)
+    hardware: Mapping[str, Any] = setting(default_factory=dict, help="", expect=_A_MAPPING)
+    expect: Text = ""
 
     def __post_init__(self) -> None:
-        for name in _SECTIONS_KEPT_RAW:
-            value = getattr(self, name)
-            require(
-                isinstance(value, Mapping),
-                f"{name} is {value!r}; expected a mapping of settings (YAML 'key: value' lines)",
-            )
-            object.__setattr__(self, name, MappingProxyType(dict(value)))
+        for name in ("training", "data", "hardware"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @classmethod
     def from_dict(cls, recipe: Mapping[str, Any]) -> CompositionConfig:
@@ -301,11 +360,15 @@ class CompositionConfig:
                 f"the recipe has no '{role}' section; add '{role}: {{model: <hub id, folder or "
                 ".gguf>}}'",
             )
+        models = {
+            role: {"model": recipe[role]} if isinstance(recipe[role], str) else recipe[role]
+            for role in ("anchor", "specialist")  # shorthand: `anchor: path/or/id`
+        }
         return cls(
-            anchor=_build(ModelSpec, recipe["anchor"], "anchor"),
-            specialist=_build(ModelSpec, recipe["specialist"], "specialist"),
-            bridge=_build(BridgeConfig, recipe.get("bridge") or {}, "bridge"),
-            generation=_build(GenerationConfig, recipe.get("generation") or {}, "generation"),
+            anchor=build(ModelSpec, models["anchor"], "anchor"),
+            specialist=build(ModelSpec, models["specialist"], "specialist"),
+            bridge=build(BridgeConfig, recipe.get("bridge") or {}, "bridge"),
+            generation=build(GenerationConfig, recipe.get("generation") or {}, "generation"),
             name=str(recipe.get("name", "")),
             description=str(recipe.get("description", "")),
             training=recipe.get("training") or {},
@@ -405,17 +468,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _build(cls: type, section: Any, where: str) -> Any:
-    if isinstance(section, str) and cls is ModelSpec:
-        section = {"model": section}  # shorthand: `anchor: path/or/id`
-    section = check_keys(cls, section, where)
-    if cls is ModelSpec:
-        require(
-            "model" in section, f"'{where}' has no 'model'; add 'model: <hub id, folder or .gguf>'"
-        )
-    try:
-        return cls(**section)
-    except TypeError as exc:  # a wrongly typed value that __post_init__ could not compare
-        raise ConfigError(f"bad settings in '{where}': {exc}") from None

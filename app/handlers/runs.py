@@ -55,10 +55,11 @@ def form_fields() -> list[tuple[str, str, bool]]:
     """(name, help text, whole number?) of each field of the form, read from the config classes."""
     import dataclasses
 
+    from composer.config import field_type
     from composer.training_config import DataConfig, TrainingConfig
 
     found = {
-        f.name: (f.metadata.get("help", ""), str(f.type).startswith("int"))
+        f.name: (f.metadata.get("help", ""), field_type(cls, f.name) is int)
         for cls in (TrainingConfig, DataConfig)
         for f in dataclasses.fields(cls)
     }
