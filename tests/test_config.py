@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from typing import Annotated, Literal
 
 import pytest
 import torch
 import transformers
+from annotated_types import Ge, Gt, Le, Lt
 
 from composer.architectures import ARCHITECTURES, decoder_layers, model_shape
-from composer.config import BridgeConfig, CompositionConfig, ConfigError, ModelSpec, read_recipe
+from composer.config import (
+    BridgeConfig,
+    CompositionConfig,
+    ConfigError,
+    GenerationConfig,
+    ModelSpec,
+    Number,
+    Positive,
+    build,
+    expectation,
+    read_recipe,
+)
 from composer.pairing import default_pairs, resolve_pairs
+from composer.training_config import DataConfig, TrainingConfig
 
 
 def test_paper_pairing_every_fourth_specialist_layer():
@@ -183,3 +198,37 @@ def test_every_recipe_setting_carries_its_help_text_and_the_reference_lists_it()
     assert lines[0] == "training:"
     assert "  lr (default: 0.001): Peak learning rate" in "\n".join(lines)
     assert len(lines) == 1 + len(dataclasses.fields(TrainingConfig))
+
+
+def test_what_a_field_expects_is_said_from_its_type():
+    assert expectation(Positive) == "a whole number >= 1"
+    assert expectation(Annotated[Number, Gt(0), Le(1)]) == "a number in (0, 1]"
+    assert expectation(Annotated[Number, Ge(0), Lt(1)]) == "a number in [0, 1)"
+    assert expectation(Annotated[Number, Gt(0)]) == "a number > 0"
+    assert expectation(Literal["a", "b"]) == "one of a, b"
+    assert expectation(Positive | None) == "a whole number >= 1"
+    assert expectation(bool) == "true or false"
+
+
+SECTIONS = {
+    "bridge": BridgeConfig,
+    "generation": GenerationConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "anchor": ModelSpec,
+}
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [(where, f.name) for where, cls in SECTIONS.items() for f in dataclasses.fields(cls)],
+)
+def test_every_setting_refuses_a_wrong_value_by_name(where, name):
+    """Each field of each section, given a value of no type it accepts, is refused with a
+    message naming where.field and the value (never a pydantic dump or a TypeError)."""
+    values = {"model": "some/model"} if where == "anchor" else {}
+    with pytest.raises(ConfigError) as error:
+        build(SECTIONS[where], {**values, name: object}, where)
+    message = str(error.value)
+    assert message.startswith(f"{where}.{name} is <class 'object'>; expected "), message
+    assert "pydantic" not in message and "\n" not in message
