@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from composer.config import ConfigError, GenerationConfig
+from composer.limits import context_of, fit_new_tokens
 
 if TYPE_CHECKING:
     from composer.composition import Composition
@@ -153,7 +154,6 @@ def generate(
         pad_token_id=pad_token_id,
     )
     processors, stopping, eos = settings.processors, settings.stopping, settings.eos
-    from composer.limits import context_of, fit_new_tokens
 
     # Before any forward: a prompt over the anchor's context is refused, a reply is shortened.
     max_new_tokens = fit_new_tokens(

@@ -41,17 +41,19 @@ from composer.alignment import (
     visibility_mask,
 )
 from composer.architectures import model_shape, sliding_window
-from composer.bridge import Bridge
+from composer.atomic import write_folder_atomically
+from composer.bridge import Bridge, bridge_shape_for
+from composer.cache import cache_root, file_sha256
 from composer.config import CompositionConfig, ConfigError
 from composer.export import read_bridge
 from composer.generate import decoding
 from composer.identity import config_identity
 from composer.llamacpp_model import LayerHandler, LayerOutput, LlamaCppModel
+from composer.loading import Location, load_config, load_tokenizer, locate
 
 if TYPE_CHECKING:
     from composer.bridge import BridgeBlock
     from composer.config import ModelSpec
-    from composer.loading import Location
 
 logger = logging.getLogger(__name__)
 
@@ -564,10 +566,6 @@ def load_llamacpp_composition(
     same identities: shapes, tokenizer, file hashes), so a bridge trained in torch loads here
     without conversion.
     """
-    from composer.bridge import bridge_shape_for
-    from composer.cache import file_sha256
-    from composer.loading import locate
-
     locations = {role: locate(getattr(config, role)) for role in ("anchor", "specialist")}
     sources = {
         role: {
@@ -657,10 +655,6 @@ def gguf_metadata(
     ``<cache>/gguf-meta/<sha256>/`` (see composer.cache); later loads read that in a second.
     """
     from transformers import AutoConfig, AutoTokenizer
-
-    from composer.atomic import write_folder_atomically
-    from composer.cache import cache_root
-    from composer.loading import load_config, load_tokenizer
 
     root = cache_root()
     folder = root / "gguf-meta" / sha256 if root is not None else None

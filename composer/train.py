@@ -35,11 +35,13 @@ import torch
 from torch import nn
 
 from composer import checkpoints, identity, progress, run_guards, run_lock
-from composer.architectures import decoder_layers
+from composer.architectures import decoder_layers, positions_of
 from composer.batches import collate, length_grouped_batches
 from composer.config import CompositionConfig, ConfigError, read_recipe, resolve_paths
 from composer.data import IGNORE_INDEX, Example, load_dataset
+from composer.hardware import configure_cuda_allocator, flushed_denormals
 from composer.pacing import Pacer, eta_seconds, format_duration
+from composer.pair_check import position_problems
 from composer.training_config import DataConfig, TrainingConfig
 
 if TYPE_CHECKING:
@@ -173,9 +175,6 @@ def gradient_checkpointing(layers: Sequence[nn.Module]) -> Iterator[None]:
 def _fit_max_length(
     composition: Composition, training: TrainingConfig, *, explicit: bool
 ) -> TrainingConfig:
-    from composer.architectures import positions_of
-    from composer.pair_check import position_problems
-
     configs = {"anchor": composition.anchor.config, "specialist": composition.specialist.config}
     if explicit:
         problems = position_problems(configs, max_length=training.max_length)
@@ -266,8 +265,6 @@ def train(
     line) and train.log (traceback).
     """
     from accelerate import Accelerator
-
-    from composer.hardware import configure_cuda_allocator, flushed_denormals
 
     configure_cuda_allocator()  # before accelerate touches CUDA (no effect once it has)
     config, training, data = read_training_settings(recipe, recipe_dir=recipe_dir)
