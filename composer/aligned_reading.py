@@ -4,8 +4,10 @@ For new anchor tokens: commit the specialist tokens their text makes final, run 
 over them (appending to the decode state's caches), then over each new position's tentative
 tail (read for this call only: the caches never hold a tail), and say which anchor query reads
 which key. Training runs a whole row at once; decoding one anchor token per step, in one
-specialist pass. A tail token that the same call also commits unchanged takes the committed
-token's states, keys (before rotation) and values instead of a second pass.
+specialist pass. Every key is rotated by the anchor position at which its token's text ends, so
+a tail token that the same call also commits unchanged (its *twin*: same id after the same
+tokens) has exactly the committed token's key and value: its query reads that committed key
+instead of a copy, and the specialist does not run it twice.
 
 Kept apart from :mod:`composer.composition` (the composed forward, one vocabulary or two) so
 that module reads as the method; the functions here take the composition and use its
@@ -27,6 +29,7 @@ from composer.alignment import (
     position_ids_from_mask,
     read_visibility,
     tail_attention,
+    twin_visibility,
 )
 
 if TYPE_CHECKING:
@@ -65,10 +68,11 @@ def read_aligned(
     keys: list[torch.Tensor] | None = state.keys if state is not None else None
     values: list[torch.Tensor] | None = state.values if state is not None else None
     device = composition.specialist.get_input_embeddings().weight.device
-    # A key is rotated by the anchor position at which its token was read, so the bridge's
+    # A key is rotated by the anchor position at which its token's text ends, so the bridge's
     # relative positions count anchor tokens, as with one tokenizer.
     anchor_positions = position_ids_from_mask(attention_mask.cpu())  # (B, S)
-    tail_keys = tail_values = None
+    tail_keys = tail_values = twins = None
+    kept_mask, kept_columns = new.tail_mask, new.tail_columns  # the tails with keys of their own
     if tails and state is not None and input_ids.shape[1] == 1:
         keys, values, tail_keys, tail_values = _step(
             composition, new, mask, anchor_positions, state, device
@@ -80,7 +84,6 @@ def read_aligned(
             cache = state.specialist_cache
         else:
             cache = DynamicCache(config=composition.specialist.config) if tails else None
-        committed = None  # per block, this call's committed keys (unrotated) and values
         if new.ids.shape[1]:
             common = {
                 "attention_mask": mask.to(device),
@@ -89,13 +92,17 @@ def read_aligned(
             states = composition.specialist_states(
                 new.ids.to(device), common, real=new.mask, cache=cache
             )
-            committed = []
             keys, values = composition.block_keys_values(
-                states, anchor_positions.gather(1, new.columns), state, projected=committed
+                states, anchor_positions.gather(1, new.ends), state
             )
         if tails:
-            tail_keys, tail_values = _tails(
-                composition, new, mask, columns, anchor_positions, state, cache, committed, device
+            # A twin is read as its committed token (index among every committed token so far).
+            reused = new.tail_source >= 0 if new.ids.shape[1] else None
+            if reused is not None:
+                earlier = mask.shape[1] - new.ids.shape[1]
+                twins = torch.where(reused, new.tail_source + earlier, -1)
+            tail_keys, tail_values, kept_mask, kept_columns = _tails(
+                composition, new, mask, columns, anchor_positions, state, cache, reused, device
             )
     if keys is None or not keys or keys[0] is None:
         keys = values = None
@@ -108,9 +115,20 @@ def read_aligned(
         if keys is None:
             return None
         visible = aligned_visibility(mask, columns, readable.cpu(), **where)  # (B, T, S)
+        if twins is not None:
+            visible = visible | twin_visibility(
+                twins, new.tail_columns, readable.cpu(), num_committed=mask.shape[1], **where
+            )
     else:
         visible = read_visibility(
-            mask, columns, new.tail_mask, new.tail_columns, readable.cpu(), **where
+            mask,
+            columns,
+            kept_mask,
+            kept_columns,
+            readable.cpu(),
+            twins=twins,
+            twin_columns=new.tail_columns,
+            **where,
         )  # (B, T, S + M)
         # The tails are read for this call only: the state's caches never hold them.
         if keys is None:  # nothing committed yet
@@ -142,7 +160,7 @@ def _step(
         "attention_mask": seen.to(device),
         "position_ids": position_ids_from_mask(seen)[:, -(n + m) :].to(device),
     }
-    rotate_by = anchor_positions.gather(1, torch.cat([new.columns, new.tail_columns], dim=1))
+    rotate_by = anchor_positions.gather(1, torch.cat([new.ends, new.tail_ends], dim=1))
     try:
         keys, values = composition.specialist_keys_values(
             ids.to(device), common, rotate_by, None, real=real, cache=state.specialist_cache
@@ -168,65 +186,48 @@ def _tails(
     anchor_positions: torch.Tensor,  # (B, C) position of each anchor column
     state: DecodeState | None,
     cache: Any,  # the committed tokens' cache (None: nothing committed yet)
-    committed: list[tuple[torch.Tensor, torch.Tensor]] | None,  # per block, see below
+    reused: torch.Tensor | None,  # (B, M) True: a twin of a token this call commits
     device: torch.device,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each new position's tentative tail, read after the committed tokens and then dropped
-    from the specialist's cache (its committed tokens are never rewritten). A tail token
-    that this call also commits unchanged (``new.tail_source``) has the committed token's
-    states, so it takes that token's keys (before rotation: a tail key is rotated by its own
-    anchor position) and values from ``committed`` (per block, (B, H, N, hd) each); the
-    specialist runs over the others only."""
-    reused = new.tail_source >= 0 if committed is not None else None
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+    """The keys of each new position's tentative tail that is not a twin: the specialist runs
+    over those tokens after the committed ones (reading a twin's committed state in its place:
+    the same ids at the same positions) and they are then dropped from its cache (its
+    committed tokens are never rewritten). Returns per block the (B, H, K, hd) keys (rotated by
+    where each token's text ends) and values of the K run tail tokens of the widest row (None
+    when there are none), and their (B, K) mask and anchor columns."""
     run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
-    order, real, slot = compacted(run)  # the tail tokens to run, first in each row
-    ran = None  # per block, the run tokens' keys (unrotated) and values, (B, H, K, hd)
-    if order.shape[1]:  # (nothing to run: every tail is a committed token's twin)
-        reads, positions = tail_attention(
-            mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
-        )  # (B, M, S + M), (B, M)
-        s, k = mask.shape[1], order.shape[1]
-        reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S+M)
-        own = reads[..., s:].gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K)
-        own = (own & real.bool()[:, None, :]) | torch.eye(k, dtype=torch.bool)[None]
-        reads = torch.cat([reads[..., :s], own], dim=-1)  # (B, K, S + K)
-        if cache is None or cache.get_seq_length() == 0:
-            reads, cache = reads[:, :, s:], None  # nothing committed yet
-        dtype = composition.specialist.get_input_embeddings().weight.dtype
-        additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(
-            ~reads, torch.finfo(dtype).min
-        )[:, None]  # (B, 1, K, S + K): a custom 4D mask, used as given
-        common = {
-            "attention_mask": additive.to(device),
-            "position_ids": positions.gather(1, order).to(device),
-        }
-        try:
-            states = composition.specialist_states(
-                new.tail_ids.gather(1, order).to(device), common, real=real, cache=cache
-            )
-        finally:
-            if cache is not None and state is not None:
-                cache.crop(-k)
-        ran = [block.project(x) for block, x in zip(composition.bridge.blocks, states, strict=True)]
-    source = new.tail_source.clamp(min=0)  # (B, M) the committed twin, where reused
-    rotate_by = anchor_positions.gather(1, new.tail_columns)  # (B, M) each tail's own position
+    order, real, _ = compacted(run)  # the tail tokens to run, first in each row
+    if not order.shape[1]:  # every tail is a committed token's twin
+        return None, None, real, new.tail_columns.gather(1, order)
+    reads, positions = tail_attention(
+        mask, columns, new.tail_mask, new.tail_columns, new.tail_index, reused=reused
+    )  # (B, M, S + M), (B, M)
+    s, k = mask.shape[1], order.shape[1]
+    reads = reads.gather(1, order[..., None].expand(-1, -1, reads.shape[2]))  # (B, K, S + M)
+    own = reads[..., s:].gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K)
+    own = (own & real.bool()[:, None, :]) | torch.eye(k, dtype=torch.bool)[None]
+    reads = torch.cat([reads[..., :s], own], dim=-1)  # (B, K, S + K)
+    if cache is None or cache.get_seq_length() == 0:
+        reads, cache = reads[:, :, s:], None  # nothing committed yet
+    dtype = composition.specialist.get_input_embeddings().weight.dtype
+    additive = torch.zeros(reads.shape, dtype=dtype).masked_fill(~reads, torch.finfo(dtype).min)[
+        :, None
+    ]  # (B, 1, K, S + K): a custom 4D mask, used as given
+    common = {
+        "attention_mask": additive.to(device),
+        "position_ids": positions.gather(1, order).to(device),
+    }
+    try:
+        states = composition.specialist_states(
+            new.tail_ids.gather(1, order).to(device), common, real=real, cache=cache
+        )
+    finally:
+        if cache is not None and state is not None:
+            cache.crop(-k)
+    rotate_by = anchor_positions.gather(1, new.tail_ends.gather(1, order))  # (B, K)
     keys, values = [], []
-    for b, block in enumerate(composition.bridge.blocks):
-        parts = []
-        if ran is not None:  # back to one slot per tail token
-            parts.append(tuple(x.gather(2, _slots(slot, x)) for x in ran[b]))
-        if committed is not None:
-            parts.append(tuple(x.gather(2, _slots(source, x)) for x in committed[b]))
-        if len(parts) == 2:
-            take = reused.to(parts[0][0].device)[:, None, :, None]  # (B, 1, M, 1)
-            parts = [tuple(torch.where(take, c, r) for r, c in zip(*parts, strict=True))]
-        tail_k, tail_v = parts[0]
-        keys.append(block.rotated(tail_k, rotate_by.to(tail_k.device)))
+    for block, x in zip(composition.bridge.blocks, states, strict=True):
+        tail_k, tail_v = block.keys_values(x, rotate_by.to(x.device))
+        keys.append(tail_k)
         values.append(tail_v)
-    return keys, values
-
-
-def _slots(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, M) token indices expanded to gather (B, H, M, hd) from ``x`` (B, H, N, hd)."""
-    b, h, _, d = x.shape
-    return index.to(x.device)[:, None, :, None].expand(b, h, -1, d)
+    return keys, values, real, new.tail_columns.gather(1, order)

@@ -11,6 +11,7 @@ above ``start_ids`` below, and in docs/ALIGNMENT.md).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,24 +141,43 @@ class RowAligner:
         self.committed_chars = 0  # c: characters covered by committed specialist tokens
         self.committed: list[int] = []
         self.tail: list[int] = []  # the tentative tail at the latest position (never cached)
+        # Where each token's text ends: the anchor column of the first anchor token whose text
+        # reaches its last character (see ``push``), for the tokens the latest push committed
+        # and for its tail.
+        self.new_ends: list[int] = []
+        self.tail_ends: list[int] = []
+        self._columns: list[int] = []  # the anchor column of each push
+        self._text_ends: list[int] = []  # len(text) after each push (non-decreasing)
 
-    def push(self, anchor_id: int) -> list[int]:
-        """Specialist tokens committed at the position of this anchor token (often none)."""
+    def push(self, anchor_id: int, column: int | None = None) -> list[int]:
+        """Specialist tokens committed at the position of this anchor token (often none);
+        ``column`` is its anchor column (default: how many tokens were pushed before it)."""
         new = list(self._start) if not self._ids else []
+        ends = [0] * len(new)  # the start tokens have no text: they end where the row starts
+        self._columns.append(len(self._ids) if column is None else column)
         self._ids.append(int(anchor_id))
         self._extend_text()
+        self._text_ends.append(len(self.text))
         rest = self.text[self.committed_chars :]
-        self.tail = []
+        self.tail, tail_ends = [], []
         if rest:
             encoded = self._specialist(rest, add_special_tokens=False, return_offsets_mapping=True)
             spans = [tuple(span) for span in encoded["offset_mapping"]]
             k = committed_cut(spans, held_back_from(self._specialist, rest, spans))
+            at = self.committed_chars
+            new += list(encoded["input_ids"][:k])
+            ends += [at + end for _, end in spans[:k]]
+            tail_ends = [at + end for _, end in spans[k:]]
             if k:
-                new += list(encoded["input_ids"][:k])
                 self.committed_chars += spans[k - 1][1]
             self.tail = list(encoded["input_ids"][k:])
         self.committed += new
+        self.new_ends, self.tail_ends = self._end_columns(ends), self._end_columns(tail_ends)
         return new
+
+    def _end_columns(self, char_ends: list[int]) -> list[int]:
+        """The anchor column whose text first reaches each character end (pure but for state)."""
+        return [self._columns[bisect.bisect_left(self._text_ends, e)] for e in char_ends]
 
     def _decode(self, ids: list[int]) -> str:
         return self._anchor.decode(
@@ -217,12 +237,15 @@ class AlignedTokens:
     ids: torch.Tensor  # (B, N) newly committed specialist tokens
     mask: torch.Tensor  # (B, N) 1 = real
     columns: torch.Tensor  # (B, N) anchor column at which each was committed
+    ends: torch.Tensor  # (B, N) anchor column at which its text ends (<= its column)
     # Each new anchor position's tentative tail (the tokens it holds back), one tail after
-    # another: (B, M) ids, mask, anchor column, and place within its tail (0 first).
+    # another: (B, M) ids, mask, anchor column, place within its tail (0 first), and the anchor
+    # column at which its text ends (<= its column).
     tail_ids: torch.Tensor
     tail_mask: torch.Tensor
     tail_columns: torch.Tensor
     tail_index: torch.Tensor
+    tail_ends: torch.Tensor
     # (B, M) where a tail token's state is already computed: the index in ``ids`` of the
     # committed token with the same id after the same tokens (see :func:`tail_sources`), or -1.
     tail_source: torch.Tensor
@@ -249,38 +272,37 @@ def aligned_tokens(
 ) -> AlignedTokens:
     """Push new anchor tokens through each row's aligner: the specialist tokens they commit, and
     every new position's tentative tail."""
-    ids_rows, column_rows = [], []
-    tail_rows, tail_column_rows, tail_index_rows, source_rows = [], [], [], []
+    names = ("ids", "columns", "ends", "tail_ids", "tail_columns", "tail_index", "tail_ends")
+    per_row: dict[str, list[list[int]]] = {name: [] for name in (*names, "tail_source")}
     for row, ids, mask in zip(rows, input_ids.tolist(), attention_mask.tolist(), strict=True):
-        got, columns, tails, tail_columns, tail_index = [], [], [], [], []
+        got: dict[str, list[int]] = {name: [] for name in names}
         before = len(row.committed)  # committed in earlier calls
         tails_read: list[tuple[int, list[int]]] = []  # (tokens committed before it, the tail)
         for t, (token, real) in enumerate(zip(ids, mask, strict=True)):
             if real:
-                new = row.push(token)
-                got += new
-                columns += [column_offset + t] * len(new)
-                tails += row.tail
-                tail_columns += [column_offset + t] * len(row.tail)
-                tail_index += list(range(len(row.tail)))
+                new = row.push(token, column_offset + t)
+                got["ids"] += new
+                got["columns"] += [column_offset + t] * len(new)
+                got["ends"] += row.new_ends
+                got["tail_ids"] += row.tail
+                got["tail_columns"] += [column_offset + t] * len(row.tail)
+                got["tail_index"] += list(range(len(row.tail)))
+                got["tail_ends"] += row.tail_ends
                 tails_read.append((len(row.committed) - before, row.tail))
-        ids_rows.append(got)
-        column_rows.append(columns)
-        tail_rows.append(tails)
-        tail_column_rows.append(tail_columns)
-        tail_index_rows.append(tail_index)
-        source_rows.append([j for at, tail in tails_read for j in tail_sources(got, at, tail)])
-    ids, mask = _padded(ids_rows, pad_id)
-    tail_ids, tail_mask = _padded(tail_rows, pad_id)
+        for name in names:
+            per_row[name].append(got[name])
+        per_row["tail_source"].append(
+            [j for at, tail in tails_read for j in tail_sources(got["ids"], at, tail)]
+        )
+    ids, mask = _padded(per_row["ids"], pad_id)
+    tail_ids, tail_mask = _padded(per_row["tail_ids"], pad_id)
+    rest = ("columns", "ends", "tail_columns", "tail_index", "tail_ends", "tail_source")
     return AlignedTokens(
         ids=ids,
         mask=mask,
-        columns=_padded(column_rows, 0)[0],
         tail_ids=tail_ids,
         tail_mask=tail_mask,
-        tail_columns=_padded(tail_column_rows, 0)[0],
-        tail_index=_padded(tail_index_rows, 0)[0],
-        tail_source=_padded(source_rows, -1)[0],
+        **{name: _padded(per_row[name], -1 if name == "tail_source" else 0)[0] for name in rest},
     )
 
 
@@ -386,20 +408,53 @@ def aligned_visibility(
     return keys[:, None, :] & seen
 
 
-def read_visibility(
-    specialist_mask: torch.Tensor,  # (B, S) 1 = a committed specialist token
-    columns: torch.Tensor,  # (B, S) anchor column at which each was committed
-    tail_mask: torch.Tensor,  # (B, M) 1 = a real tail token
+def twin_visibility(
+    twins: torch.Tensor,  # (B, M) the committed token each tail token equals, or -1
     tail_columns: torch.Tensor,  # (B, M) the anchor column whose tail it is
     readable: torch.Tensor,  # (B, C) anchor columns whose specialist tokens the bridge may read
     *,
+    num_committed: int,
     num_queries: int,
     query_offset: int = 0,
     causal: bool = True,
 ) -> torch.Tensor:
-    """(B, T, S + M) bool: what anchor query t reads of the committed tokens, then of the new
-    positions' tails (:func:`aligned_visibility`, :func:`tail_visibility`); both engines."""
+    """(B, T, S) bool: anchor query t reads, among the committed tokens, the twins of its own
+    column's tail tokens (a twin has the tail token's key and value: see
+    :mod:`composer.aligned_reading`). Without the causal rule every committed token is read
+    anyway: nothing is added."""
+    b = twins.shape[0]
+    out = torch.zeros(b, num_queries, num_committed, dtype=torch.bool)
+    if not causal:
+        return out
+    query = tail_columns - query_offset  # (B, M) which query reads it
+    ok = (twins >= 0) & (query >= 0) & (query < num_queries)
+    ok &= readable.bool().gather(1, tail_columns)
+    rows = torch.arange(b)[:, None].expand_as(twins)
+    out[rows[ok], query[ok], twins[ok]] = True
+    return out
+
+
+def read_visibility(
+    specialist_mask: torch.Tensor,  # (B, S) 1 = a committed specialist token
+    columns: torch.Tensor,  # (B, S) anchor column at which each was committed
+    tail_mask: torch.Tensor,  # (B, M) 1 = a real tail token with a key of its own
+    tail_columns: torch.Tensor,  # (B, M) the anchor column whose tail it is
+    readable: torch.Tensor,  # (B, C) anchor columns whose specialist tokens the bridge may read
+    *,
+    twins: torch.Tensor | None = None,  # (B, M2) tail tokens read as their committed twins
+    twin_columns: torch.Tensor | None = None,  # (B, M2) the anchor column whose tail each is
+    num_queries: int,
+    query_offset: int = 0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """(B, T, S + M) bool: what anchor query t reads of the committed tokens (with the twins of
+    its tail), then of the new positions' other tail tokens (:func:`aligned_visibility`,
+    :func:`twin_visibility`, :func:`tail_visibility`); both engines."""
     where = {"num_queries": num_queries, "query_offset": query_offset, "causal": causal}
     committed = aligned_visibility(specialist_mask, columns, readable, **where)
+    if twins is not None and twin_columns is not None:
+        committed = committed | twin_visibility(
+            twins, twin_columns, readable, num_committed=committed.shape[2], **where
+        )
     tail = tail_visibility(tail_mask, tail_columns, readable, **where)
     return torch.cat([committed, tail], dim=-1)

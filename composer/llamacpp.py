@@ -236,7 +236,7 @@ class LlamaCppComposition:
 
     def _read_specialist(self, tokens: Sequence[int], columns: Sequence[int] | None = None) -> None:
         """Decode the tokens in the specialist; append each block's keys/values (pure torch),
-        rotated by their own positions, or by the anchor ``columns`` they were committed at."""
+        rotated by their own positions, or by the anchor ``columns`` where their text ends."""
         start = self.specialist.length
         positions = list(columns) if columns is not None else range(start, start + len(tokens))
         new_keys, new_values = self._specialist_keys_values(tokens, positions)
@@ -280,23 +280,24 @@ class LlamaCppComposition:
         self, tokens: Sequence[int], start: int
     ) -> list[tuple[int, list[torch.Tensor], list[torch.Tensor]]]:
         """Two tokenizers: push each anchor token through the row's aligner, decode the
-        specialist tokens it commits (cached, keys rotated by the anchor column), then its
-        tentative tail (read, then dropped from the specialist's cache). Returns each new
-        column's tail keys/values per block, as the torch engine computes them."""
+        specialist tokens it commits (cached), then its tentative tail (read, then dropped from
+        the specialist's cache); each key is rotated by the anchor column where its token's
+        text ends. Returns each new column's tail keys/values per block, as the torch engine
+        computes them."""
         assert self.alignment is not None
         if self._row is None:
             self._row = self.alignment.row()
         tails = []
         for column, token in enumerate(tokens, start=start):
-            committed = self._row.push(token)
+            committed = self._row.push(token, column)
             if committed:
-                self._read_specialist(committed, [column] * len(committed))
+                self._read_specialist(committed, self._row.new_ends)
                 self._columns += [column] * len(committed)
             tail = self._row.tail
             if tail and self.alignment.tails:
                 length = self.specialist.length
                 try:
-                    keys, values = self._specialist_keys_values(tail, [column] * len(tail))
+                    keys, values = self._specialist_keys_values(tail, self._row.tail_ends)
                 finally:
                     self.specialist.truncate(length)
                 tails.append((column, keys, values))

@@ -20,6 +20,7 @@ from composer.alignment import (
     needs_alignment,
     start_ids,
     tail_sources,
+    twin_visibility,
 )
 from composer.chartok import build_bpe_tokenizer, build_char_tokenizer
 from composer.composition import compose
@@ -176,10 +177,12 @@ def _leaky_tokens(a_tok, s_tok):
             ids=torch.tensor([encoded["input_ids"]]),
             mask=torch.ones(1, n, dtype=torch.long),
             columns=torch.tensor([columns]) + column_offset,
+            ends=torch.tensor([columns]) + column_offset,
             tail_ids=none,
             tail_mask=none,
             tail_columns=none,
             tail_index=none,
+            tail_ends=none,
             tail_source=none,
         )
 
@@ -312,6 +315,46 @@ def test_a_tail_token_committed_unchanged_is_not_run_twice(tokenizers, order):
     finally:
         handle.remove()
     assert sum(ran) == new.ids.shape[1] + new.tail_ids.shape[1] - int(reused.sum())
+
+
+def test_a_query_reads_the_twins_of_its_own_tail_only():
+    twins = torch.tensor([[-1, 0, 2, 1]])  # the committed token each tail token equals, or -1
+    tail_columns = torch.tensor([[1, 1, 3, 5]])  # column 5 is past the 4 queries: not read
+    readable = torch.tensor([[1, 1, 1, 0, 1, 1]])  # column 3 is not readable (prompt-only rule)
+    where = {"num_committed": 3, "num_queries": 4}
+    out = twin_visibility(twins, tail_columns, readable, **where)
+    assert out.nonzero().tolist() == [[0, 1, 0]]
+    readable[0, 3] = 1
+    assert twin_visibility(twins, tail_columns, readable, **where).nonzero().tolist() == [
+        [0, 1, 0],
+        [0, 3, 2],
+    ]
+    # queries 2.. of a call that began at column 2: column 3's tail is read by query 1
+    shifted = twin_visibility(twins, tail_columns, readable, **where, query_offset=2)
+    assert shifted.nonzero().tolist() == [[0, 1, 2], [0, 3, 1]]
+    assert not twin_visibility(twins, tail_columns, readable, **where, causal=False).any()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_twin_ends_where_its_tail_token_ends_and_no_copy_of_it_is_read(tokenizers, order):
+    # Keys are rotated by the anchor column where a token's text ends: a tail token and the
+    # committed token it later becomes end at the same column, so they have the same key and
+    # the bridge reads the committed one; only the other tail tokens get keys of their own.
+    composition, a_tok, _ = _pair(tokenizers, order)
+    ids = _ids(a_tok, TEXT)
+    alignment = composition.alignment
+    new = aligned_tokens(
+        [alignment.row()], ids, torch.ones_like(ids), column_offset=0, pad_id=alignment.pad_id
+    )
+    assert bool((new.ends <= new.columns).all()) and bool((new.ends < new.columns).any())
+    assert bool((new.tail_ends <= new.tail_columns).all())
+    source = new.tail_source[0]
+    reused = source >= 0
+    assert torch.equal(new.ends[0, source[reused]], new.tail_ends[0, reused])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        keys, _, visible = read_aligned(composition, ids, mask, mask, None)
+    assert keys[0].shape[2] == visible.shape[2] == new.ids.shape[1] + int((~reused).sum())
 
 
 @pytest.mark.parametrize("order", ORDERS)
