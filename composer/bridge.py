@@ -119,18 +119,11 @@ class BridgeBlock(nn.Module):
 
         Cacheable per token: a key depends only on its own token's state and position.
         """
-        keys, values = self.project(specialist_states)
-        return self.rotated(keys, positions), values
-
-    def project(self, specialist_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, d_specialist) -> keys before rotation and values, each (B, H, S, head_dim).
-        A token's keys and values depend only on its own state: equal states share them."""
         s = self.specialist_proj(self.specialist_norm(specialist_states))  # (B, S, kv_in)
-        return self._heads(self.k_proj(s)), self._heads(self.v_proj(s))
-
-    def rotated(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Keys from :meth:`project` at their (B, S) positions."""
-        return rotate(keys, positions) if self.rotary else keys
+        keys = self._heads(self.k_proj(s))
+        if self.rotary:
+            keys = rotate(keys, positions)
+        return keys, self._heads(self.v_proj(s))
 
     def forward(
         self,

@@ -279,19 +279,13 @@ class Composition(nn.Module):
         states: list[torch.Tensor],  # per block (B, N, d_specialist)
         key_positions: torch.Tensor,  # (B, N) positions the bridge's keys are rotated by
         state: DecodeState | None,
-        *,
-        projected: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # filled when given
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each block's keys/values (B, H, N, hd) of specialist states; appended to the state's
-        per-block caches when ``state`` is given (the result is then all of them). The keys
-        before rotation and the values are appended to ``projected`` when given."""
+        per-block caches when ``state`` is given (the result is then all of them)."""
         device, _ = self.bridge_device_dtype()
         keys, values = [], []
         for k, (block, block_states) in enumerate(zip(self.bridge.blocks, states, strict=True)):
-            new_k, new_v = block.project(block_states)
-            if projected is not None:
-                projected.append((new_k, new_v))
-            new_k = block.rotated(new_k, key_positions.to(device))
+            new_k, new_v = block.keys_values(block_states, key_positions.to(device))
             if state is not None:
                 if state.keys[k] is not None:
                     new_k = torch.cat([state.keys[k], new_k], dim=2)  # (B, H, S, hd)
