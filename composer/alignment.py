@@ -127,6 +127,21 @@ def held_back_from(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) 
     return spans[-1][0] if spans else 0
 
 
+def backend_of(tokenizer: Any) -> Any | None:
+    """The ``tokenizers`` tokenizer behind a transformers one whose encode and decode add nothing
+    to it (a TokenizersBackend whose class overrides neither), else None. Called directly it
+    gives the same ids, offsets and text without transformers' per-call work, which was most of
+    the aligner's time (one call per anchor token)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    methods = ("__call__", "_encode_plus", "decode", "_decode")
+    if any(getattr(type(tokenizer), m) is not getattr(TokenizersBackend, m) for m in methods):
+        return None
+    return tokenizer.backend_tokenizer
+
+
 class RowAligner:
     """The recursion above for one row: feed anchor tokens, get the specialist tokens each one
     commits. Decoding keeps one per row across steps; training runs a fresh one over the row."""
@@ -134,6 +149,8 @@ class RowAligner:
     def __init__(self, anchor_tokenizer: Any, specialist_tokenizer: Any, start: tuple[int, ...]):
         self._anchor = anchor_tokenizer
         self._specialist = specialist_tokenizer
+        self._anchor_backend = backend_of(anchor_tokenizer)
+        self._specialist_backend = backend_of(specialist_tokenizer)
         self._start = start
         self._ids: list[int] = []  # the row's anchor tokens so far (padding excluded)
         self._window = (0, 0)  # incremental detokenisation: (first token decoded, tokens read)
@@ -161,16 +178,15 @@ class RowAligner:
         rest = self.text[self.committed_chars :]
         self.tail, tail_ends = [], []
         if rest:
-            encoded = self._specialist(rest, add_special_tokens=False, return_offsets_mapping=True)
-            spans = [tuple(span) for span in encoded["offset_mapping"]]
+            ids, spans = self._encode(rest)
             k = committed_cut(spans, held_back_from(self._specialist, rest, spans))
             at = self.committed_chars
-            new += list(encoded["input_ids"][:k])
+            new += ids[:k]
             ends += [at + end for _, end in spans[:k]]
             tail_ends = [at + end for _, end in spans[k:]]
             if k:
                 self.committed_chars += spans[k - 1][1]
-            self.tail = list(encoded["input_ids"][k:])
+            self.tail = ids[k:]
         self.committed += new
         self.new_ends, self.tail_ends = self._end_columns(ends), self._end_columns(tail_ends)
         return new
@@ -179,7 +195,17 @@ class RowAligner:
         """The anchor column whose text first reaches each character end (pure but for state)."""
         return [self._columns[bisect.bisect_left(self._text_ends, e)] for e in char_ends]
 
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The specialist's ids of ``text`` (no special tokens) and their character spans."""
+        if self._specialist_backend is not None:
+            encoding = self._specialist_backend.encode(text, add_special_tokens=False)
+            return list(encoding.ids), [tuple(span) for span in encoding.offsets]
+        encoded = self._specialist(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+
     def _decode(self, ids: list[int]) -> str:
+        if self._anchor_backend is not None:
+            return self._anchor_backend.decode(ids, skip_special_tokens=True)
         return self._anchor.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )

@@ -11,11 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import composer.alignment as alignment_module
 from composer.aligned_reading import read_aligned
 from composer.alignment import (
     AlignedTokens,
     TextAlignment,
     aligned_tokens,
+    backend_of,
     committed_cut,
     needs_alignment,
     start_ids,
@@ -315,6 +317,29 @@ def test_a_tail_token_committed_unchanged_is_not_run_twice(tokenizers, order):
     finally:
         handle.remove()
     assert sum(ran) == new.ids.shape[1] + new.tail_ids.shape[1] - int(reused.sum())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_the_aligner_reads_the_tokenizers_directly_with_the_same_result(
+    tokenizers, order, monkeypatch
+):
+    # RowAligner calls the `tokenizers` library under transformers (backend_of) for speed; the
+    # tokens, columns, ends and tails are those of the transformers calls it replaces.
+    composition, a_tok, s_tok = _pair(tokenizers, order)
+    assert backend_of(a_tok) is not None and backend_of(s_tok) is not None
+    ids = _ids(a_tok, TEXT + " ünï 日本")
+    alignment = composition.alignment
+
+    def aligned():
+        return aligned_tokens(
+            [alignment.row()], ids, torch.ones_like(ids), column_offset=0, pad_id=alignment.pad_id
+        )
+
+    direct = aligned()
+    monkeypatch.setattr(alignment_module, "backend_of", lambda tokenizer: None)
+    through_transformers = aligned()
+    for name, value in vars(direct).items():
+        assert torch.equal(value, getattr(through_transformers, name)), name
 
 
 def test_a_query_reads_the_twins_of_its_own_tail_only():

@@ -90,6 +90,25 @@ def test_the_two_tokenizers_really_disagree_and_the_committed_tokens_spell_the_t
     assert TEXT[row.committed_chars :] == " faster"  # only the last word (a pre-token) held back
 
 
+def test_the_aligner_reads_the_real_tokenizers_directly_with_the_same_result(
+    composition, monkeypatch
+):
+    import composer.alignment as alignment_module
+
+    a_tok, s_tok = composition.tokenizer, composition.specialist_tokenizer
+    assert alignment_module.backend_of(a_tok) is not None
+    assert alignment_module.backend_of(s_tok) is not None
+    a_ids = _ids(a_tok, TEXT)[0].tolist()
+
+    def pushed():
+        row = composition.alignment.row()
+        return [(row.push(t), row.new_ends, list(row.tail), row.tail_ends) for t in a_ids], row.text
+
+    direct = pushed()
+    monkeypatch.setattr(alignment_module, "backend_of", lambda tokenizer: None)
+    assert pushed() == direct
+
+
 def test_composed_equals_anchor_exactly_at_init(composition):
     ids = _ids(composition.tokenizer, TEXT)
     with torch.no_grad():
