@@ -262,3 +262,11 @@ def test_bpe_of_the_specialist_text_merges_keys_and_can_keep_digits_apart():
         assert len(pieces) < len(text)  # some characters are merged (the keys, at least)
         digits = [p for p in pieces if any(c.isdigit() for c in p)]
         assert all(len(p) == 1 for p in digits) == split
+
+
+def test_the_context_anchor_trains_longer_for_more_keys():
+    from composer.repro.kv import KVSettings, context_steps_for
+
+    steps = [context_steps_for(k) for k in (300, 500, 750, 1000)]
+    assert steps == [1000, 1000, 2000, 3000]  # 500 keys: the shipped context anchor's 1,000
+    assert KVSettings().context_steps is None  # the default follows the key count
