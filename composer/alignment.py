@@ -7,6 +7,11 @@ positions s <= t, and never a padding position.
 
 Two tokenizers: the models read the same *text*, aligned by characters (the rule is written out
 above ``start_ids`` below, and in docs/ALIGNMENT.md).
+
+Why ~490 lines: the rule is stated once, and every decision that follows from it (which tokens
+are committed and where their text ends, which tail tokens are twins, and each mask the bridge
+and the specialist read with) sits beside it as a small pure function, for both engines; how a
+composition runs them is :mod:`composer.aligned_reading`.
 """
 
 from __future__ import annotations

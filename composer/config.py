@@ -8,8 +8,9 @@ data that ``calm-composer fields`` and the app's labels show. A bad value is a
 field's type) and what to do (the field's ``fix``); checks across fields stay in
 ``__post_init__``. Layer indices are 0-based everywhere.
 
-Why ~400 lines: the schema's helpers, each section of a composition recipe and the one reader
-that builds them from YAML are one home for every setting.
+Why ~470 lines: the schema's helpers, each section of a composition recipe and the one reader
+that builds them from YAML are one home for every setting (the training sections are
+:mod:`composer.training_config`).
 """
 
 from __future__ import annotations
