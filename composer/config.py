@@ -105,6 +105,8 @@ class SettingsError(ConfigError):
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, ConfigError):  # a check across fields, in __post_init__
             return str(cause)
+        if not error["loc"] or str(error["loc"][0]) not in fields:  # not one field's value
+            return f"bad settings in '{where}': {error['msg']}"
         name = str(error["loc"][0])
         meta = fields[name].metadata
         if error["type"] in ("missing", "missing_argument") and len(error["loc"]) == 1:
