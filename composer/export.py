@@ -38,6 +38,9 @@ CONFIG = "bridge_config.json"
 RECIPE = "composition.yaml"
 CARD = "README.md"
 _BRIDGE_FILES = {WEIGHTS, CONFIG, RECIPE, CARD}
+# How a bridge of two tokenizers read its specialist. Bridges saved before b94b13b say
+# "characters": their keys sat where each token was committed, not where its text ends.
+BY_CHARACTERS = "characters, keys where their text ends"
 
 
 def library_version() -> str:
@@ -106,7 +109,7 @@ def bridge_config_dict(composition: Composition) -> dict[str, Any]:
             source=composition.sources.get("specialist"),
             tokenizer=composition.specialist_tokenizer,  # the anchor's when the ids are shared
         ),
-        "alignment": "shared ids" if composition.alignment is None else "characters",
+        "alignment": "shared ids" if composition.alignment is None else BY_CHARACTERS,
     }
 
 
@@ -240,14 +243,23 @@ def read_bridge(
     *,
     anchor_layers: int,
     specialist_layers: int,
+    aligned: bool,
 ) -> Bridge:
     """The bridge saved in ``path``, refused unless it was made for the two models whose current
-    identities (role -> :func:`composer.identity.config_identity`) and layer counts are given.
+    identities (role -> :func:`composer.identity.config_identity`) and layer counts are given,
+    and, when they read two tokenizers (``aligned``), for this way of aligning them.
 
     Every engine reads a bridge here, so a bridge is checked the same way whichever loads it.
     """
     path = Path(path)
     config = read_bridge_config(path)
+    if aligned and config.get("alignment") not in (BY_CHARACTERS, None):
+        raise ConfigError(
+            f"the bridge in {path} was trained by an earlier calm-composer, whose keys of a "
+            f"two-tokenizer composition sat where each token was committed (alignment "
+            f"{config.get('alignment')!r}); this one places them where the token's text ends, "
+            "so the bridge would read the wrong positions: train it again"
+        )
     problems = []
     for role in ("anchor", "specialist"):
         problems += identity_mismatches(role, config[role], identities[role])

@@ -607,6 +607,7 @@ def load_llamacpp_composition(
             },
             anchor_layers=model_shape(configs["anchor"]).num_layers,
             specialist_layers=model_shape(configs["specialist"]).num_layers,
+            aligned=alignment is not None,
         )
     else:
         shape = bridge_shape_for(configs["anchor"], configs["specialist"], config.bridge)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from composer.alignment import needs_alignment
 from composer.architectures import model_shape
 from composer.cache import cache_root, file_sha256
 from composer.composition import Composition, check_vocabularies, compose, freeze
@@ -332,6 +333,7 @@ def load_bridge(
         },
         anchor_layers=model_shape(anchor_model.config).num_layers,
         specialist_layers=model_shape(specialist_model.config).num_layers,
+        aligned=needs_alignment(tokenizer, tokenizers["specialist"]),
     )
     check_vocabularies(anchor_model, specialist_model, tokenizer, tokenizers["specialist"])
     bridge.to(anchor_model.get_input_embeddings().weight.device)

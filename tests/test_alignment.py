@@ -498,7 +498,7 @@ def test_a_recipe_of_two_tokenizers_trains_saves_and_loads_from_folders(tokenize
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     bridge = train(tmp_path / "recipe.yaml", output_dir=tmp_path / "run")
     saved = json.loads((bridge / "bridge_config.json").read_text())
-    assert saved["alignment"] == "characters"
+    assert saved["alignment"] == "characters, keys where their text ends"
     from composer.identity import tokenizer_fingerprint
 
     assert saved["specialist"]["tokenizer_fingerprint"] == tokenizer_fingerprint(bpe)
@@ -508,3 +508,8 @@ def test_a_recipe_of_two_tokenizers_trains_saves_and_loads_from_folders(tokenize
     ids = _ids(char, TEXT)
     with torch.no_grad():
         assert not torch.equal(loaded(ids).logits, loaded.anchor(input_ids=ids).logits)
+    # A bridge saved before keys were placed where their text ends is refused, with the fix.
+    saved["alignment"] = "characters"
+    (bridge / "bridge_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="earlier calm-composer.*train it again"):
+        load_composition(tmp_path / "recipe.yaml", bridge=bridge)
