@@ -196,7 +196,7 @@ def _tails(
     where each token's text ends) and values of the K run tail tokens of the widest row (None
     when there are none), and their (B, K) mask and anchor columns."""
     run = new.tail_mask.bool() if reused is None else new.tail_mask.bool() & ~reused
-    order, real, _ = compacted(run)  # the tail tokens to run, first in each row
+    order, real = compacted(run)  # the tail tokens to run, first in each row
     if not order.shape[1]:  # every tail is a committed token's twin
         return None, None, real, new.tail_columns.gather(1, order)
     reads, positions = tail_attention(

@@ -389,16 +389,15 @@ def tail_attention(
     return torch.cat([committed, own], dim=-1), positions
 
 
-def compacted(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compacted(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, M) bool: each row's selected entries moved to its front (pure). Returns the (B, K)
-    indices of the selected entries (K the most any row has; padding 0), their (B, K) 1/0 mask,
-    and the (B, M) slot of each entry in the compacted rows (meaningful where selected)."""
+    indices of the selected entries (K the most any row has; padding 0) and their (B, K) 1/0
+    mask."""
     counts = selected.sum(1)  # (B,)
     k = int(counts.max()) if selected.numel() else 0
     order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :k]
     real = (torch.arange(k)[None, :] < counts[:, None]).long()
-    slot = (selected.long().cumsum(1) - 1).clamp(min=0)
-    return order, real, slot
+    return order, real
 
 
 def tail_visibility(
