@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kv.add_argument(
         "--variants",
-        help="comma-separated subset of subs,math,worked,random_specialist,no_mask,encoder,lora",
+        help="comma-separated subset of subs,math,worked,random_specialist,no_mask,encoder,lora "
+        "(default: all of these) or worked_bpe, math_curriculum (docs/REPRODUCTION.md)",
     )
     kv.set_defaults(run=_repro_kv)
 

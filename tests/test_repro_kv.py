@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
+import torch
 
 from composer.repro import kv_data as kv
 from composer.repro.kv import (
@@ -270,3 +271,45 @@ def test_the_context_anchor_trains_longer_for_more_keys():
     steps = [context_steps_for(k) for k in (300, 500, 750, 1000)]
     assert steps == [1000, 1000, 2000, 3000]  # 500 keys: the shipped context anchor's 1,000
     assert KVSettings().context_steps is None  # the default follows the key count
+
+
+def test_curriculum_column_starts_from_the_worked_bridge(tmp_path):
+    """ "math_curriculum" trains the direct form from the worked bridge's weights (reusing that
+    bridge when the worked column made it), not from a fresh bridge."""
+    from safetensors.torch import load_file
+
+    from composer.repro import kv as harness
+
+    settings = toy_settings(model_steps=3, context_steps=2, variants=("worked", "math_curriculum"))
+    results = run(settings, tmp_path)
+    assert harness.CURRICULUM_COLUMN in results.accuracy
+    worked_file = tmp_path / "runs" / "worked" / "bridge" / "bridge.safetensors"
+    made = worked_file.stat().st_mtime_ns
+    run(replace(settings, variants=("math_curriculum",)), tmp_path)
+    assert worked_file.stat().st_mtime_ns == made  # its start is reused, not trained again
+
+    # Same recipe at a learning rate too small to move anything: from the worked bridge the
+    # weights stay the worked bridge's; from scratch they are a fresh bridge's.
+    recipe = harness._recipe(
+        replace(settings, bridge_lr=1e-12),
+        tmp_path / "models" / "anchor-context",
+        tmp_path / "models" / "specialist",
+        tmp_path / "data" / "bridge-math.jsonl",
+    )
+    start = load_file(worked_file)
+    warm, _ = harness._train_calm(recipe, tmp_path / "warm", start=worked_file.parent)
+    cold, _ = harness._train_calm(recipe, tmp_path / "cold")
+    for name, weight in start.items():
+        assert torch.allclose(warm.bridge.state_dict()[name], weight, atol=1e-6), name
+    assert any(
+        not torch.allclose(cold.bridge.state_dict()[name], weight, atol=1e-4)
+        for name, weight in start.items()
+    )
+
+
+def test_an_unknown_variant_is_refused_before_anything_trains(tmp_path):
+    from composer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['wroked'\].*worked"):
+        run(toy_settings(model_steps=3, variants=("wroked",)), tmp_path)
+    assert not (tmp_path / "models").exists()

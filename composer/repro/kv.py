@@ -20,6 +20,9 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
   worked, BPE specialist   (variant "worked_bpe", not in the default run) the worked column with
                            a specialist trained under its own byte-level BPE, composed with the
                            character anchor aligned by characters; plus that specialist alone
+  KV-MATH, from worked     (variant "math_curriculum", not in the default run) the paper's direct
+                           form taught as a curriculum: the worked bridge (which writes the
+                           values) trained on held-in KV-MATH, on the context-trained anchor
 
 Why one module of ~700 lines: it is the experiment's harness, one driver per column, with the
 task's data rules in :mod:`composer.repro.kv_data` and model pre-training in
@@ -40,6 +43,7 @@ from typing import Any
 
 import torch
 
+from composer.config import ConfigError
 from composer.pacing import Pacer
 from composer.presets import default_folder
 from composer.repro import kv_data as kv
@@ -508,17 +512,20 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 _INPUTS = "repro_inputs.json"  # in a bridge run's folder: what the bridge was made from
 
 
-def _inputs(recipe: dict) -> dict[str, Any]:
-    """A bridge run's inputs: its recipe and the contents (sha256) of its data and model files."""
+def _inputs(recipe: dict, *, start: Path | None = None) -> dict[str, Any]:
+    """A bridge run's inputs: its recipe and the contents (sha256) of its data and model files
+    (and of the bridge it started from)."""
     from composer.cache import file_sha256
 
     files = [Path(recipe["data"]["train"])]
     for role in ("anchor", "specialist"):
         files += sorted(Path(recipe[role]["model"]).glob("*.safetensors"))
+    if start is not None:
+        files += sorted(start.glob("*.safetensors"))
     return {"recipe": recipe, "sha256": {str(f): file_sha256(f) for f in files}}
 
 
-def _finished_bridge(recipe: dict, out: Path) -> Path | None:
+def _finished_bridge(recipe: dict, out: Path, *, start: Path | None = None) -> Path | None:
     """The bridge a finished earlier run left in ``out`` when it was made from the same inputs
     (recipe, data and model contents); else None."""
     from composer.progress import RunStatus, read_status
@@ -528,24 +535,27 @@ def _finished_bridge(recipe: dict, out: Path) -> Path | None:
     except (OSError, ValueError):
         return None
     finished = (read_status(out) or {}).get("state") == RunStatus.FINISHED
-    return out / "bridge" if finished and saved == _inputs(recipe) else None
+    return out / "bridge" if finished and saved == _inputs(recipe, start=start) else None
 
 
-def _train_calm(recipe: dict, out: Path) -> tuple[Any, float]:
+def _train_calm(recipe: dict, out: Path, *, start: Path | None = None) -> tuple[Any, float]:
     """Train a bridge with the engine (or reuse the one a finished earlier run made with the same
-    inputs); return the loaded composition and its last logged training loss."""
+    inputs); return the loaded composition and its last logged training loss. ``start``: a
+    finished bridge whose weights the training starts from instead of a fresh bridge."""
     from composer.loading import load_composition
     from composer.progress import read_progress
     from composer.train import train
 
-    bridge = _finished_bridge(recipe, out)
+    bridge = _finished_bridge(recipe, out, start=start)
     if bridge is not None:
         logger.info("using the bridge already trained in %s from the same inputs", out)
     else:
         if out.exists():
             shutil.rmtree(out)
-        bridge = train(recipe, output_dir=out)
-        (out / _INPUTS).write_text(json.dumps(_inputs(recipe), indent=2), encoding="utf-8")
+        warm = None if start is None else load_composition(recipe, bridge=start, device="cpu")
+        bridge = train(recipe, output_dir=out, composition=warm)
+        inputs = _inputs(recipe, start=start)
+        (out / _INPUTS).write_text(json.dumps(inputs, indent=2), encoding="utf-8")
     losses = [r["loss"] for r in read_progress(out) if r.get("loss") is not None]
     return load_composition(recipe, bridge=bridge, device="cpu"), losses[-1]
 
@@ -604,6 +614,12 @@ def run(settings: KVSettings, output: str | Path) -> Results:
     from composer.loading import load_composition
     from composer.repro.pretrain import small_llama
 
+    unknown = [v for v in settings.variants if v not in COLUMN_OF and v != "lora"]
+    if unknown:
+        raise ConfigError(
+            f"unknown variant(s) {unknown}; expected some of {[*COLUMN_OF, 'lora']} (comma-"
+            "separated, e.g. --variants worked,math)"
+        )
     if settings.threads:
         torch.set_num_threads(settings.threads)
     output = Path(output)
@@ -636,17 +652,7 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             "column %d of %d: %s (done so far %s)", done + 1, total, variant, columns.status(done)
         )
         clock = time.perf_counter()
-        data_variant = {"math": "math", "worked": "worked", "worked_bpe": "worked"}.get(
-            variant, "subs"
-        )
-        rows = bridge_rows(
-            task,
-            data_variant,
-            count=settings.train_rows,
-            num_math_share=settings.num_math_share,
-            seed=settings.seed,
-        )
-        data = _write_jsonl(output / "data" / f"bridge-{data_variant}.jsonl", rows)
+        rows, data = _bridge_data(task, settings, output, DATA_OF.get(variant, "subs"))
         if variant == "lora":
             target = load_composition(
                 _recipe(settings, anchor_dir, specialist_dir, data), device="cpu"
@@ -659,14 +665,11 @@ def run(settings: KVSettings, output: str | Path) -> Results:
         specialist, anchor = specialist_dir, anchor_dir
         if variant == "worked_bpe":
             specialist = _bpe_specialist(task, settings, sets, results, output)
-        if variant in ("worked", "worked_bpe"):
+        if variant in ON_CONTEXT_ANCHOR:
             anchor = prepare_context_anchor(
                 task, settings, anchor_dir, output / "models" / "anchor-context"
             )
-        if (
-            variant in ("worked", "worked_bpe")
-            and "anchor (context-trained)" not in results.accuracy
-        ):
+        if variant in ON_CONTEXT_ANCHOR and "anchor (context-trained)" not in results.accuracy:
             alone = load_composition(
                 {
                     "anchor": str(anchor),
@@ -699,21 +702,20 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             causal=variant != "no_mask",
             prompt_only=variant == "encoder",
         )
-        composition, loss = _train_calm(recipe, output / "runs" / variant)
+        start = None
+        if variant == "math_curriculum":  # first the worked bridge (reused when already trained)
+            _, worked_data = _bridge_data(task, settings, output, "worked")
+            _train_calm(
+                _recipe(settings, anchor, specialist, worked_data), output / "runs" / "worked"
+            )
+            start = output / "runs" / "worked" / "bridge"
+        composition, loss = _train_calm(recipe, output / "runs" / variant, start=start)
         if variant == "worked_bpe" and composition.alignment is None:
             raise RuntimeError(
                 "the BPE specialist's composition shares the anchor's vocabulary; expected two "
                 "tokenizers aligned by characters"
             )
-        column = {
-            "subs": "CALM (KV-SUBS data)",
-            "math": "CALM (KV-MATH data)",
-            "worked": "CALM (worked KV-MATH data)",
-            "worked_bpe": BPE_COLUMN,
-            "random_specialist": "random specialist",
-            "no_mask": "no causal mask",
-            "encoder": "specialist as encoder",
-        }[variant]
+        column = COLUMN_OF[variant]
         results.accuracy[column] = _score(
             _composition_generator(composition),
             tokenizer,
@@ -727,6 +729,35 @@ def run(settings: KVSettings, output: str | Path) -> Results:
 
 
 BPE_COLUMN = "CALM (worked KV-MATH data, BPE specialist)"
+CURRICULUM_COLUMN = "CALM (KV-MATH data, from the worked bridge)"
+COLUMN_OF = {  # bridge variant -> its column in the table ("lora" is the one other variant)
+    "subs": "CALM (KV-SUBS data)",
+    "math": "CALM (KV-MATH data)",
+    "worked": "CALM (worked KV-MATH data)",
+    "worked_bpe": BPE_COLUMN,
+    "math_curriculum": CURRICULUM_COLUMN,
+    "random_specialist": "random specialist",
+    "no_mask": "no causal mask",
+    "encoder": "specialist as encoder",
+}
+# Which composition data each bridge column trains on (the rest: KV-SUBS), and which columns
+# compose the context-trained anchor.
+DATA_OF = {"math": "math", "math_curriculum": "math", "worked": "worked", "worked_bpe": "worked"}
+ON_CONTEXT_ANCHOR = ("worked", "worked_bpe", "math_curriculum")
+
+
+def _bridge_data(
+    task: kv.KeyValueTask, settings: KVSettings, output: Path, data_variant: str
+) -> tuple[list[dict[str, str]], Path]:
+    """The composition rows of one data variant, and the JSONL file they are written to."""
+    rows = bridge_rows(
+        task,
+        data_variant,
+        count=settings.train_rows,
+        num_math_share=settings.num_math_share,
+        seed=settings.seed,
+    )
+    return rows, _write_jsonl(output / "data" / f"bridge-{data_variant}.jsonl", rows)
 
 
 def _bpe_specialist(
