@@ -363,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--seed", type=int, default=0)
     kv.add_argument("--keys", type=int, help="number of keys (default 500)")
     kv.add_argument("--output", required=True, help="folder for models, runs and results")
-    kv.add_argument("--bridge-steps", type=int, help="bridge training steps per variant")
+    kv.add_argument(
+        "--bridge-steps",
+        type=int,
+        help="bridge training steps per variant (default: from the key count, 2400 at 500 keys)",
+    )
     kv.add_argument("--eval-rows", type=int, help="held-out expressions per dataset")
     kv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kv.add_argument(

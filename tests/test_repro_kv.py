@@ -273,9 +273,25 @@ def test_the_context_anchor_trains_longer_for_more_keys():
     assert KVSettings().context_steps is None  # the default follows the key count
 
 
+def test_the_bridge_trains_longer_for_more_keys_unless_told_how_long():
+    from pathlib import Path
+
+    from composer.repro.kv import _recipe, bridge_steps_for
+
+    assert [bridge_steps_for(k) for k in (300, 500, 750, 1000)] == [2400, 2400, 3600, 4800]
+    folder = Path("unused")
+
+    def steps(**changes):  # noqa: ANN003, ANN202
+        settings = replace(KVSettings(), **changes)
+        return _recipe(settings, folder, folder, folder)["training"]["max_steps"]
+
+    assert steps() == 2400 and steps(num_keys=750) == 3600
+    assert steps(num_keys=750, bridge_steps=1200) == 1200  # --bridge-steps wins
+
+
 def test_curriculum_column_starts_from_the_worked_bridge(tmp_path):
-    """ "math_curriculum" trains the direct form from the worked bridge's weights (reusing that
-    bridge when the worked column made it), not from a fresh bridge."""
+    """The "math_curriculum" column trains the direct form from the worked bridge's weights
+    (reusing that bridge when the worked column made it), not from a fresh bridge."""
     from safetensors.torch import load_file
 
     from composer.repro import kv as harness
