@@ -299,6 +299,13 @@ def test_curriculum_column_starts_from_the_worked_bridge(tmp_path):
     settings = toy_settings(model_steps=3, context_steps=2, variants=("worked", "math_curriculum"))
     results = run(settings, tmp_path)
     assert harness.CURRICULUM_COLUMN in results.accuracy
+    digits = results.answer_characters[harness.CURRICULUM_COLUMN]  # a direct-form column
+    assert set(digits) == {"held-in", "held-out"} and "CALM (worked KV-MATH data)" not in (
+        results.answer_characters
+    )
+    width = len(make_task(settings).answer(1))  # answers are written at a fixed width
+    assert all(len(accs) == width and all(0 <= a <= 1 for a in accs) for accs in digits.values())
+    assert "teacher-forced accuracy per answer character" in (tmp_path / "results.md").read_text()
     worked_file = tmp_path / "runs" / "worked" / "bridge" / "bridge.safetensors"
     made = worked_file.stat().st_mtime_ns
     run(replace(settings, variants=("math_curriculum",)), tmp_path)
@@ -329,3 +336,23 @@ def test_an_unknown_variant_is_refused_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['wroked'\].*worked"):
         run(toy_settings(model_steps=3, variants=("wroked",)), tmp_path)
     assert not (tmp_path / "models").exists()
+
+
+def test_answer_characters_scores_each_completion_token_given_the_true_ones_before_it():
+    from types import SimpleNamespace
+
+    from composer.repro.kv import answer_characters, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    rows = [{"prompt": "ab+c=", "completion": "7530"}, {"prompt": "xyz+q=", "completion": "1100"}]
+
+    def model(shift):  # noqa: ANN001, ANN202
+        def forward(input_ids, attention_mask):  # noqa: ANN001, ANN202
+            target = torch.roll(input_ids, -shift, dims=1)  # the token `shift` ahead
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(target, len(tokenizer)))
+
+        return forward
+
+    assert answer_characters(model(1), tokenizer, rows) == [1.0, 1.0, 1.0, 1.0]  # the oracle
+    # Predicting the current token again: right only where a character repeats ("11", "00").
+    assert answer_characters(model(0), tokenizer, rows) == [0.0, 0.5, 0.0, 0.5]

@@ -150,6 +150,9 @@ class Results:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> row -> acc
     train_loss: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Direct-form columns: teacher-forced accuracy of each answer character (ones digit first),
+    # on KV-MATH over held-in and over held-out keys (:func:`answer_characters`).
+    answer_characters: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def make_tokenizer():  # noqa: ANN201
@@ -403,6 +406,32 @@ def eval_sets(task: kv.KeyValueTask, settings: KVSettings) -> dict[str, list[dic
         rng, task, settings.eval_rows, training_prompts(task, settings)
     )
     return sets
+
+
+def answer_characters(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> list[float]:
+    """Teacher-forced accuracy of each completion character: the share of rows whose i-th
+    completion token is the model's top prediction given the prompt and the true tokens before
+    it. For a direct-form bridge this tells a bridge that cannot add at all (ones digit near the
+    10% of chance, held-in keys too) from one that memorises the keys it trained on."""
+    from composer.alignment import start_ids
+
+    bos = "" if start_ids(tokenizer) else tokenizer.bos_token
+    texts = [bos + r["prompt"] + r["completion"] for r in rows]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    lengths = [len(tokenizer(r["completion"], add_special_tokens=False).input_ids) for r in rows]
+    width = min(lengths)
+    pad = tokenizer.pad_token_id or 0
+    longest = max(len(i) for i in ids)
+    batch = torch.tensor([i + [pad] * (longest - len(i)) for i in ids])  # padded on the right
+    mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
+    with torch.no_grad():
+        predicted = model(input_ids=batch, attention_mask=mask).logits.argmax(-1)
+    hits = torch.zeros(width)
+    for row, (tokens, n) in enumerate(zip(ids, lengths, strict=True)):
+        first = len(tokens) - n  # the completion's first token; predicted one position before
+        for k in range(width):
+            hits[k] += int(predicted[row, first + k - 1]) == tokens[first + k]
+    return (hits / len(rows)).tolist()
 
 
 def _max_new(rows: list[dict[str, str]]) -> int:
@@ -733,6 +762,17 @@ def run(settings: KVSettings, output: str | Path) -> Results:
             sets,
             worked=variant in ("worked", "worked_bpe"),
         )
+        if DATA_OF.get(variant) == "math":
+            rng = random.Random(20_000 + settings.seed)
+            results.answer_characters[column] = {
+                name: answer_characters(
+                    composition, tokenizer, kv.kv_math(rng, task, settings.eval_rows, pool)
+                )
+                for name, pool in (
+                    ("held-in", sorted(task.held_in)),
+                    ("held-out", list(task.held_out)),
+                )
+            }
         results.train_loss[column] = loss
         results.seconds[column] = time.perf_counter() - clock
         _save_results(results, output, column=column)
@@ -825,6 +865,15 @@ def markdown(results: Results) -> str:
             "",
             "Final training loss per token: "
             + ", ".join(f"{k} {v:.4f}" for k, v in results.train_loss.items()),
+        ]
+    for column, kinds in results.answer_characters.items():
+        lines += [
+            "",
+            f"{column}, teacher-forced accuracy per answer character (ones digit first): "
+            + "; ".join(
+                f"{kind} keys " + " ".join(f"{100 * a:.0f}" for a in accs)
+                for kind, accs in kinds.items()
+            ),
         ]
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.seconds.items())]
     return "\n".join(lines) + "\n"
