@@ -144,6 +144,10 @@ class KVSettings:
     )
 
 
+def _bridge_steps(settings: KVSettings) -> int:
+    return settings.bridge_steps or bridge_steps_for(settings.num_keys)
+
+
 @dataclass
 class Results:
     settings: dict[str, Any]
@@ -517,7 +521,7 @@ def _recipe(
     causal: bool = True,
     prompt_only: bool = False,
 ) -> dict[str, Any]:
-    steps = settings.bridge_steps or bridge_steps_for(settings.num_keys)
+    steps = _bridge_steps(settings)
     return {
         "name": "kv-arithmetic",
         "anchor": {"model": str(anchor)},
@@ -624,7 +628,7 @@ def _train_lora(settings: KVSettings, anchor_dir: Path, rows: list[dict], target
     )
     rng = random.Random(settings.seed)
     model.train()
-    steps = settings.bridge_steps or bridge_steps_for(settings.num_keys)
+    steps = _bridge_steps(settings)
     pacer = Pacer(total=steps)
     for step in range(1, steps + 1):
         batch = batch_of(rng.sample(rows, settings.bridge_batch_size), tokenizer)
