@@ -356,3 +356,18 @@ def test_answer_characters_scores_each_completion_token_given_the_true_ones_befo
     assert answer_characters(model(1), tokenizer, rows) == [1.0, 1.0, 1.0, 1.0]  # the oracle
     # Predicting the current token again: right only where a character repeats ("11", "00").
     assert answer_characters(model(0), tokenizer, rows) == [0.0, 0.5, 0.0, 0.5]
+
+
+def test_the_specialist_trains_longer_above_750_keys_and_matches_the_shipped_one_at_500():
+    from composer.presets import default_folder
+    from composer.repro.kv import _meta, specialist_steps_for
+
+    assert [specialist_steps_for(k) for k in (300, 500, 750, 1000)] == [1500, 1500, 1500, 3000]
+    settings = KVSettings()
+    assert settings.specialist.steps is None  # the default follows the key count
+    shipped = default_folder() / "models" / "kv-specialist" / "kv_meta.json"
+    assert _meta(make_task(settings), settings, "specialist") == json.loads(shipped.read_text())
+    more = replace(settings, num_keys=1000)
+    assert _meta(make_task(more), more, "specialist")["steps"] == 3000
+    fixed = replace(more, specialist=replace(settings.specialist, steps=700))
+    assert _meta(make_task(fixed), fixed, "specialist")["steps"] == 700

@@ -58,7 +58,7 @@ class ModelSize:
     width: int
     layers: int
     heads: int
-    steps: int  # pretraining steps (fresh rows every step)
+    steps: int | None  # pretraining steps (fresh rows every step); None: from the key count
     batch_size: int
     lr: float
     tie_embeddings: bool = True
@@ -71,6 +71,13 @@ def context_steps_for(num_keys: int) -> int:
     expressions (500 keys: 82.5%), and CALM scored 34.0% held-out KV-MATH; with 2,000, 80.0%
     (docs/REPRODUCTION.md)."""
     return 1000 + 4 * max(0, num_keys - 500)
+
+
+def specialist_steps_for(num_keys: int) -> int:
+    """The specialist's training steps for a key count (pure): 1,500 up to 750 keys (alone it
+    writes 99.0-100% of held-out values right), then 6 more per key: at 1,000 keys 1,500 steps
+    left it at 87.5%, 3,000 at 100% (docs/REPRODUCTION.md)."""
+    return 1500 + 6 * max(0, num_keys - 750)
 
 
 def bridge_steps_for(num_keys: int) -> int:
@@ -101,8 +108,8 @@ class KVSettings:
     context_steps: int | None = None  # batches of anchor.batch_size
     context_lr: float = 1e-3
     context_share: float = 0.5
-    specialist: ModelSize = ModelSize(
-        width=128, layers=4, heads=4, steps=1500, batch_size=128, lr=1e-3, tie_embeddings=False
+    specialist: ModelSize = ModelSize(  # steps: specialist_steps_for(num_keys)
+        width=128, layers=4, heads=4, steps=None, batch_size=128, lr=1e-3, tie_embeddings=False
     )
     # Blocks after the last anchor layers too: at lr 1e-3 with blocks only up to anchor layer 3
     # the bridge did not learn the values in 600 steps; this pairing at 3e-3 did (REPRODUCTION.md).
@@ -189,6 +196,8 @@ def _size(settings: KVSettings, role: str) -> ModelSize:
         return settings.anchor
     if role == "specialist-bpe" and settings.bpe_specialist is not None:
         return settings.bpe_specialist
+    if settings.specialist.steps is None:
+        return replace(settings.specialist, steps=specialist_steps_for(settings.num_keys))
     return settings.specialist
 
 
