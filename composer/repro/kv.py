@@ -24,7 +24,7 @@ Columns (baselines and ablations, as the paper and docs/REPRODUCTION.md describe
                            form taught as a curriculum: the worked bridge (which writes the
                            values) trained on held-in KV-MATH, on the context-trained anchor
 
-Why one module of ~700 lines: it is the experiment's harness, one driver per column, with the
+Why one module of ~900 lines: it is the experiment's harness, one driver per column, with the
 task's data rules in :mod:`composer.repro.kv_data` and model pre-training in
 :mod:`composer.repro.pretrain`.
 """
