@@ -253,6 +253,11 @@ def read_bridge(
     """
     path = Path(path)
     config = read_bridge_config(path)
+    if aligned and config.get("alignment") == "shared ids":
+        raise ConfigError(
+            f"the bridge in {path} was trained for two models that share one tokenizer; these "
+            "two read different tokenizers, so it would read the wrong positions: train it again"
+        )
     if aligned and config.get("alignment") not in (BY_CHARACTERS, None):
         raise ConfigError(
             f"the bridge in {path} was trained by an earlier calm-composer, whose keys of a "

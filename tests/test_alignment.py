@@ -513,3 +513,7 @@ def test_a_recipe_of_two_tokenizers_trains_saves_and_loads_from_folders(tokenize
     (bridge / "bridge_config.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match="earlier calm-composer.*train it again"):
         load_composition(tmp_path / "recipe.yaml", bridge=bridge)
+    saved["alignment"] = "shared ids"  # one trained for a shared tokenizer: said as such
+    (bridge / "bridge_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="share one tokenizer.*train it again"):
+        load_composition(tmp_path / "recipe.yaml", bridge=bridge)
